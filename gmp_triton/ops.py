@@ -1,0 +1,134 @@
+"""The registered torch ops (``torch.ops.gmp_triton.*``) with fake implementations and autograd.
+
+Registering through ``torch.library.custom_op`` makes the ops opaque to ``torch.compile``: a
+model using them traces with no graph break, and the fake implementations give output shapes for
+symbolic sizes, so new N, H or W do not recompile. Each op picks its implementation per call
+(``_backend.use_triton``): Triton kernels for CUDA (and CPU under ``TRITON_INTERPRET=1``), the
+PyTorch path otherwise.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from . import _backend, cpu_path
+
+
+def _impl(tensor: Tensor):
+    if _backend.use_triton(tensor):
+        from . import launch
+
+        return launch
+    return cpu_path
+
+
+def grad_layout_is_channels_last(x: Tensor) -> bool:
+    """Whether ``x``'s gradient is laid out with channels as the contiguous axis, as ``x`` is."""
+    return x.stride(1) == 1 and x.shape[1] > 1 and any(size > 1 for size in x.shape[2:])
+
+
+# --- global max pool -------------------------------------------------------------------------
+
+
+@torch.library.custom_op("gmp_triton::gmp_forward", mutates_args=())
+def gmp_forward(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Returns ``pooled`` (N, C) and the int32 ``index`` (N, C) of the first maximum."""
+    return _impl(x).gmp_forward(x)
+
+
+@gmp_forward.register_fake
+def _(x: Tensor) -> tuple[Tensor, Tensor]:
+    n, c = x.shape[0], x.shape[1]
+    return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.int32)
+
+
+@torch.library.custom_op("gmp_triton::gmp_backward", mutates_args=())
+def gmp_backward(
+    grad_pooled: Tensor,
+    index: Tensor,
+    size: Sequence[int],
+    channels_last: bool,
+    dtype: torch.dtype,
+) -> Tensor:
+    """Scatters ``grad_pooled`` to ``index``: the gradient of ``gmp_forward``'s input."""
+    return _impl(grad_pooled).gmp_backward(grad_pooled, index, size, channels_last, dtype)
+
+
+@gmp_backward.register_fake
+def _(grad_pooled, index, size, channels_last, dtype):
+    return cpu_path.empty_grad(size, channels_last, dtype, grad_pooled.device)
+
+
+def _gmp_setup_context(ctx, inputs, output) -> None:
+    (x,) = inputs
+    _, index = output
+    ctx.save_for_backward(index)
+    ctx.size = list(x.shape)
+    ctx.channels_last = grad_layout_is_channels_last(x)
+    ctx.dtype = x.dtype
+
+
+def _gmp_backward(ctx, grad_pooled, _grad_index):
+    (index,) = ctx.saved_tensors
+    return gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype)
+
+
+gmp_forward.register_autograd(_gmp_backward, setup_context=_gmp_setup_context)
+
+
+# --- global max pool + L2 norm ---------------------------------------------------------------
+
+
+@torch.library.custom_op("gmp_triton::gmp_l2norm_forward", mutates_args=())
+def gmp_l2norm_forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns ``out`` (N, C), and for the backward ``pooled`` (N, C), ``index`` (N, C, int32)
+    and ``norm`` (N,) in the accumulation dtype."""
+    impl = _impl(x)
+    pooled, index = impl.gmp_forward(x)
+    out, norm = impl.l2norm_forward(pooled, eps)
+    return out, pooled, index, norm
+
+
+@gmp_l2norm_forward.register_fake
+def _(x: Tensor, eps: float):
+    n, c = x.shape[0], x.shape[1]
+    acc_dtype = cpu_path.accumulation_dtype(x.dtype)
+    return (
+        x.new_empty((n, c)),
+        x.new_empty((n, c)),
+        x.new_empty((n, c), dtype=torch.int32),
+        x.new_empty((n,), dtype=acc_dtype),
+    )
+
+
+@torch.library.custom_op("gmp_triton::l2norm_backward", mutates_args=())
+def l2norm_backward(grad_out: Tensor, pooled: Tensor, norm: Tensor, eps: float) -> Tensor:
+    """Gradient of ``pooled / max(norm, eps)`` with respect to ``pooled``, in ``norm.dtype``."""
+    return _impl(pooled).l2norm_backward(grad_out, pooled, norm, eps)
+
+
+@l2norm_backward.register_fake
+def _(grad_out, pooled, norm, eps):
+    return pooled.new_empty(pooled.shape, dtype=norm.dtype)
+
+
+def _gmp_l2norm_setup_context(ctx, inputs, output) -> None:
+    x, eps = inputs
+    _, pooled, index, norm = output
+    ctx.mark_non_differentiable(pooled, index, norm)
+    ctx.save_for_backward(pooled, index, norm)
+    ctx.eps = eps
+    ctx.size = list(x.shape)
+    ctx.channels_last = grad_layout_is_channels_last(x)
+    ctx.dtype = x.dtype
+
+
+def _gmp_l2norm_backward(ctx, grad_out, *_unused):
+    pooled, index, norm = ctx.saved_tensors
+    grad_pooled = l2norm_backward(grad_out, pooled, norm, ctx.eps)
+    grad_x = gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype)
+    return grad_x, None
+
+
+gmp_l2norm_forward.register_autograd(_gmp_l2norm_backward, setup_context=_gmp_l2norm_setup_context)
