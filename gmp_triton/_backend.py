@@ -17,7 +17,16 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+def _triton_installed() -> bool:
+    # Looked up, not imported: importing Triton takes a while and is only needed for a launch.
+    try:
+        return importlib.util.find_spec("triton") is not None
+    except (ImportError, ValueError):
+        return False
+
+
+TRITON_AVAILABLE = _triton_installed()
 # Triton reads this variable when a kernel is defined, so it is read once, here, as well.
 TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 

@@ -45,7 +45,9 @@ def gmp_backward(
 ) -> torch.Tensor:
     grad_x = empty_grad(size, channels_last, dtype, grad_pooled.device).zero_()
     n, c, positions = size[0], size[1], math.prod(size[2:])
-    grad_x.view(n, c, positions).scatter_(2, index.long().unsqueeze(2), grad_pooled.to(dtype).unsqueeze(2))
+    grad_x.view(n, c, positions).scatter_(
+        2, index.long().unsqueeze(2), grad_pooled.to(dtype).unsqueeze(2)
+    )
     return grad_x
 
 

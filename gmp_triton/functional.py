@@ -40,7 +40,8 @@ def check_feature_map(x: Tensor, caller: str) -> None:
 
 
 def _check_eps(eps: float, caller: str) -> None:
-    if not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps <= 0:
+    # Written as a chained comparison (false for NaN too): torch.compile traces it as a constant.
+    if not isinstance(eps, (int, float)) or not 0 < eps < math.inf:
         raise ValueError(f"{caller}: eps must be a positive finite number, got {eps!r}")
 
 

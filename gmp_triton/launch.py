@@ -53,7 +53,9 @@ def _device_guard(tensor: torch.Tensor):
 
 
 def _max_offset(tensor: torch.Tensor) -> int:
-    return sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return sum(
+        (size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True)
+    )
 
 
 def _needs_int64(*tensors: torch.Tensor) -> bool:
@@ -79,7 +81,9 @@ def channels_are_contiguous(stride_c: int, stride_s: int, positions: int) -> boo
     return stride_c == 1 and (stride_s != 1 or positions == 1)
 
 
-def _tile_config(n: int, c: int, s: int, channels_contiguous: bool, device) -> heuristics.TileConfig:
+def _tile_config(
+    n: int, c: int, s: int, channels_contiguous: bool, device
+) -> heuristics.TileConfig:
     config = heuristics.tile_config(
         n, c, s, channels_contiguous, _num_sms(device), forced_splits, forced_block_s
     )

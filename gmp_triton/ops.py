@@ -60,6 +60,22 @@ def _(grad_pooled, index, size, channels_last, dtype):
     return cpu_path.empty_grad(size, channels_last, dtype, grad_pooled.device)
 
 
+def _gmp_backward_setup_context(ctx, inputs, output) -> None:
+    _, index, _, _, _ = inputs
+    ctx.save_for_backward(index)
+
+
+def _gmp_backward_backward(ctx, grad_grad_x):
+    # The scatter is linear in grad_pooled: its own gradient reads grad_grad_x at the same index.
+    (index,) = ctx.saved_tensors
+    n, c = index.shape
+    flat = grad_grad_x.reshape(n, c, -1)
+    return flat.gather(2, index.long().unsqueeze(2)).squeeze(2), None, None, None, None
+
+
+gmp_backward.register_autograd(_gmp_backward_backward, setup_context=_gmp_backward_setup_context)
+
+
 def _gmp_setup_context(ctx, inputs, output) -> None:
     (x,) = inputs
     _, index = output
@@ -125,6 +141,14 @@ def _gmp_l2norm_setup_context(ctx, inputs, output) -> None:
 
 
 def _gmp_l2norm_backward(ctx, grad_out, *_unused):
+    # Grad mode is on in a backward pass only under create_graph=True. The second derivative
+    # would need the input itself, which is not kept (only the pooled values are): refuse rather
+    # than return a gradient that silently lacks that term.
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            "gmp_l2norm does not support double backward (create_graph=True); "
+            "global_max_pool does, and F.normalize can be applied after it"
+        )
     pooled, index, norm = ctx.saved_tensors
     grad_pooled = l2norm_backward(grad_out, pooled, norm, ctx.eps)
     grad_x = gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype)
