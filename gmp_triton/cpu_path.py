@@ -30,10 +30,45 @@ def empty_grad(
     return torch.empty((n, length, c), dtype=dtype, device=device).transpose(1, 2)
 
 
-def gmp_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    # torch.max over a dim returns the first maximal element, and NaN (its first) where present.
-    pooled, index = x.flatten(2).max(dim=2)
-    return pooled, index.to(torch.int32)
+# Index of a sample with no valid position; matches no position, so it receives no gradient.
+NO_INDEX = 2**31 - 1
+
+
+def valid_positions(
+    x: torch.Tensor, sizes: torch.Tensor | None, mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """(N, S) bool: which flat positions of each sample take part, or None for all of them."""
+    if mask is not None:
+        return mask != 0
+    if sizes is None:
+        return None
+    height, width = x.shape[2], x.shape[3]
+    rows = torch.arange(height, device=x.device).view(1, height, 1)
+    cols = torch.arange(width, device=x.device).view(1, 1, width)
+    inside = (rows < sizes[:, 0].view(-1, 1, 1)) & (cols < sizes[:, 1].view(-1, 1, 1))
+    return inside.flatten(1)
+
+
+def gmp_forward(
+    x: torch.Tensor, sizes: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    flat = x.flatten(2)
+    valid = valid_positions(x, sizes, mask)
+    if valid is None:
+        # torch.max over a dim returns the first maximal element, and its first NaN if any.
+        pooled, index = flat.max(dim=2)
+        return pooled, index.to(torch.int32)
+
+    valid = valid.unsqueeze(1)
+    values = flat.masked_fill(~valid, float("-inf"))
+    pooled = values.amax(dim=2)
+    # The first valid position holding the max (or, for a NaN max, the first NaN). Found by
+    # comparison rather than torch.max, which could point at a padded -inf.
+    wins = valid & ((flat == pooled.unsqueeze(2)) | (flat.isnan() & pooled.isnan().unsqueeze(2)))
+    index = wins.to(torch.uint8).argmax(dim=2).to(torch.int32)
+    empty = ~valid.any(dim=2)
+    pooled = pooled.masked_fill(empty, 0)
+    return pooled, index.masked_fill(empty, NO_INDEX)
 
 
 def gmp_backward(
@@ -45,8 +80,12 @@ def gmp_backward(
 ) -> torch.Tensor:
     grad_x = empty_grad(size, channels_last, dtype, grad_pooled.device).zero_()
     n, c, positions = size[0], size[1], math.prod(size[2:])
+    if grad_x.numel() == 0:
+        return grad_x
+    empty = index == NO_INDEX
+    grad = grad_pooled.to(dtype).masked_fill(empty, 0)
     grad_x.view(n, c, positions).scatter_(
-        2, index.long().unsqueeze(2), grad_pooled.to(dtype).unsqueeze(2)
+        2, index.long().masked_fill(empty, 0).unsqueeze(2), grad.unsqueeze(2)
     )
     return grad_x
 

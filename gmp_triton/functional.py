@@ -45,7 +45,63 @@ def _check_eps(eps: float, caller: str) -> None:
         raise ValueError(f"{caller}: eps must be a positive finite number, got {eps!r}")
 
 
-def global_max_pool(x: Tensor) -> Tensor:
+def _check_same_device(x: Tensor, other: Tensor, name: str, caller: str) -> None:
+    if other.device != x.device:
+        raise ValueError(f"{caller}: {name} is on {other.device} but the input is on {x.device}")
+
+
+def check_sizes(x: Tensor, sizes, caller: str) -> None:
+    """Shape, dtype and device of ``sizes``; its values are checked when the op runs."""
+    if sizes is None:
+        return
+    if not isinstance(sizes, Tensor):
+        raise TypeError(
+            f"{caller}: sizes must be an (N, 2) integer tensor or None, got "
+            f"{type(sizes).__name__} (pass eps by keyword: eps=...)"
+        )
+    if x.dim() != 4:
+        raise ValueError(
+            f"{caller}: sizes applies to padded (N, C, H, W) maps; for padded sequences use "
+            f"masked_max_pool or masked_gmp_l2norm with an attention mask"
+        )
+    if sizes.dtype == torch.bool or sizes.is_floating_point() or sizes.is_complex():
+        raise TypeError(f"{caller}: sizes must hold integers, got {sizes.dtype}")
+    if tuple(sizes.shape) != (x.shape[0], 2):
+        raise ValueError(
+            f"{caller}: sizes must have shape (N, 2) = ({x.shape[0]}, 2) for an input of shape "
+            f"{tuple(x.shape)}, got {tuple(sizes.shape)}"
+        )
+    _check_same_device(x, sizes, "sizes", caller)
+
+
+def check_attention_mask(hidden: Tensor, attention_mask, caller: str) -> None:
+    if not isinstance(attention_mask, Tensor):
+        kind = type(attention_mask).__name__
+        raise TypeError(f"{caller}: attention_mask must be an (N, L) tensor, got {kind}")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise TypeError(
+            f"{caller}: attention_mask must be bool or integer (non-zero = valid token), "
+            f"got {attention_mask.dtype}"
+        )
+    if tuple(attention_mask.shape) != tuple(hidden.shape[:2]):
+        raise ValueError(
+            f"{caller}: attention_mask must have shape (N, L) = {tuple(hidden.shape[:2])} for "
+            f"hidden states of shape {tuple(hidden.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    _check_same_device(hidden, attention_mask, "attention_mask", caller)
+
+
+def check_hidden_states(hidden: Tensor, caller: str) -> None:
+    if isinstance(hidden, Tensor) and hidden.dim() != 3:
+        raise ValueError(
+            f"{caller}: expected hidden states of shape (N, L, C), got a {hidden.dim()}-d "
+            f"tensor of shape {tuple(hidden.shape)}"
+        )
+    # As a (N, C, L) view, the same checks as any feature map apply (the length is L).
+    check_feature_map(hidden if not isinstance(hidden, Tensor) else hidden.transpose(1, 2), caller)
+
+
+def global_max_pool(x: Tensor, sizes: Tensor | None = None) -> Tensor:
     """Global max pooling: the largest value of each channel over all positions.
 
     Same values as ``F.adaptive_max_pool2d(x, 1).flatten(1)``. The gradient of each (n, c) goes to
@@ -54,16 +110,20 @@ def global_max_pool(x: Tensor) -> Tensor:
 
     Args:
         x: ``(N, C, H, W)`` or ``(N, C, L)`` floating-point tensor, any memory layout.
+        sizes: for a padded batch of maps (see ``pad_maps``), an ``(N, 2)`` integer tensor of each
+            item's valid ``(h, w)``, top-left aligned. Positions outside never win and get zero
+            gradient; an item of size 0 pools to zeros.
 
     Returns:
         ``(N, C)`` tensor of ``x.dtype``.
     """
     check_feature_map(x, "global_max_pool")
-    pooled, _ = ops.gmp_forward(x)
+    check_sizes(x, sizes, "global_max_pool")
+    pooled, _ = ops.gmp_forward(x, sizes)
     return pooled
 
 
-def gmp_l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
+def gmp_l2norm(x: Tensor, sizes: Tensor | None = None, eps: float = 1e-12) -> Tensor:
     """Global max pooling followed by L2 normalisation of each sample's channel vector.
 
     Same values as ``F.normalize(F.adaptive_max_pool2d(x, 1).flatten(1), dim=1, eps=eps)``, with
@@ -72,12 +132,55 @@ def gmp_l2norm(x: Tensor, eps: float = 1e-12) -> Tensor:
 
     Args:
         x: ``(N, C, H, W)`` or ``(N, C, L)`` floating-point tensor, any memory layout.
+        sizes: as in ``global_max_pool``: each item's valid ``(h, w)`` in a padded batch. An item
+            of size 0 gives a zero embedding with zero gradient.
         eps: lower bound of the norm that divides the pooled vector.
 
     Returns:
         ``(N, C)`` tensor of ``x.dtype`` with unit rows (zero rows for all-zero inputs).
     """
     check_feature_map(x, "gmp_l2norm")
+    check_sizes(x, sizes, "gmp_l2norm")
     _check_eps(eps, "gmp_l2norm")
-    out, _, _, _ = ops.gmp_l2norm_forward(x, float(eps))
+    out, _, _, _ = ops.gmp_l2norm_forward(x, float(eps), sizes)
+    return out
+
+
+def masked_max_pool(hidden: Tensor, attention_mask: Tensor) -> Tensor:
+    """Max over the valid tokens of each sequence: the sentence-embedding pooling.
+
+    Equal to pooling each sequence's valid tokens alone, whatever the padded positions hold.
+    Gradient and NaN rules as in ``global_max_pool``; a sequence with no valid token pools to
+    zeros with zero gradient.
+
+    Args:
+        hidden: ``(N, L, C)`` hidden states (a transformer's last layer).
+        attention_mask: ``(N, L)`` bool or integer tensor, non-zero for tokens to pool.
+
+    Returns:
+        ``(N, C)`` tensor of ``hidden.dtype``.
+    """
+    check_hidden_states(hidden, "masked_max_pool")
+    check_attention_mask(hidden, attention_mask, "masked_max_pool")
+    pooled, _ = ops.gmp_forward(hidden.transpose(1, 2), None, attention_mask)
+    return pooled
+
+
+def masked_gmp_l2norm(hidden: Tensor, attention_mask: Tensor, eps: float = 1e-12) -> Tensor:
+    """``masked_max_pool`` followed by L2 normalisation (norm accumulated in fp32, or fp64).
+
+    A sequence with no valid token gives a zero embedding with zero gradient, never NaN.
+
+    Args:
+        hidden: ``(N, L, C)`` hidden states.
+        attention_mask: ``(N, L)`` bool or integer tensor, non-zero for tokens to pool.
+        eps: lower bound of the norm that divides the pooled vector.
+
+    Returns:
+        ``(N, C)`` tensor of ``hidden.dtype`` with unit (or zero) rows.
+    """
+    check_hidden_states(hidden, "masked_gmp_l2norm")
+    check_attention_mask(hidden, attention_mask, "masked_gmp_l2norm")
+    _check_eps(eps, "masked_gmp_l2norm")
+    out, _, _, _ = ops.gmp_l2norm_forward(hidden.transpose(1, 2), float(eps), None, attention_mask)
     return out

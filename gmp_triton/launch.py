@@ -15,6 +15,9 @@ import triton.language as tl
 from . import cpu_path
 from .kernels import heuristics
 from .kernels.global_max_pool import (
+    ALL_POSITIONS,
+    MASK,
+    SIZES,
     gmp_backward_kernel,
     gmp_combine_kernel,
     gmp_forward_kernel,
@@ -95,9 +98,14 @@ def _tile_config(
     return config
 
 
-def gmp_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def gmp_forward(
+    x: torch.Tensor, sizes: torch.Tensor | None = None, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Max and first argmax over the positions: ``pooled`` (N, C) in ``x.dtype``, ``index``
-    (N, C) int32 positions in row-major (h, w) order."""
+    (N, C) int32 positions in row-major (h, w) order.
+
+    ``sizes`` (N, 2) limits sample n to its top-left ``sizes[n]`` corner; ``mask`` (N, S) to the
+    positions where it is non-zero. Both are checked by the caller."""
     n, c = x.shape[0], x.shape[1]
     positions = math.prod(x.shape[2:])
     pooled = torch.empty((n, c), dtype=x.dtype, device=x.device)
@@ -116,22 +124,35 @@ def gmp_forward(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         part_idx = torch.empty((n, config.num_splits, c), dtype=torch.int32, device=x.device)
     index_64 = _needs_int64(source, part_val)
     acc_dtype = _acc_dtype(x.dtype)
+    # Unused pointer arguments still need a tensor; the index tensor is a harmless stand-in.
+    validity, sizes_arg, mask_arg, mask_strides = ALL_POSITIONS, index, index, (0, 0)
+    if sizes is not None:
+        validity, sizes_arg = SIZES, sizes.to(torch.int32).contiguous()
+    if mask is not None:
+        # Triton reads bool tensors as 1-bit values; the same bytes as uint8 load plainly.
+        mask_arg = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+        validity, mask_strides = MASK, mask_arg.stride()
 
     with _device_guard(x):
         gmp_forward_kernel[(config.grid_size(n),)](
             source,
             part_val,
             part_idx,
+            sizes_arg,
+            mask_arg,
             c,
             positions,
+            x.shape[-1],
             config.positions_per_split,
             config.num_c_blocks,
             config.num_splits,
             stride_n,
             stride_c,
             stride_s,
+            *mask_strides,
             BLOCK_C=config.block_c,
             BLOCK_S=config.block_s,
+            VALIDITY=validity,
             ACC_DTYPE=acc_dtype,
             INDEX_64=index_64,
             num_warps=config.num_warps,

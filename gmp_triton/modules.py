@@ -11,6 +11,9 @@ class GlobalMaxPool(nn.Module):
     Same values as ``nn.AdaptiveMaxPool2d(1)`` followed by ``flatten(1)``; the gradient of each
     output goes to the first maximal position in row-major order, and NaN wins the max.
 
+    ``forward(x, sizes=None)``: with ``sizes`` (an ``(N, 2)`` integer tensor of each item's valid
+    ``(h, w)``), ``x`` is a padded batch and each item is pooled over its own top-left corner.
+
     Shape:
         - Input: :math:`(N, C, H, W)` or :math:`(N, C, L)`, any memory layout.
         - Output: :math:`(N, C)`.
@@ -22,8 +25,8 @@ class GlobalMaxPool(nn.Module):
         torch.Size([8, 512])
     """
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.global_max_pool(x)
+    def forward(self, x: Tensor, sizes: Tensor | None = None) -> Tensor:
+        return functional.global_max_pool(x, sizes)
 
 
 class GMPL2Norm(nn.Module):
@@ -38,6 +41,9 @@ class GMPL2Norm(nn.Module):
 
     Args:
         eps: lower bound of the norm, so that an all-zero vector gives a zero embedding.
+
+    ``forward(x, sizes=None)``: with ``sizes``, ``x`` is a padded batch (see ``GlobalMaxPool``);
+    an item of size 0 gives a zero embedding.
 
     Shape:
         - Input: :math:`(N, C, H, W)` or :math:`(N, C, L)`, any memory layout.
@@ -54,8 +60,58 @@ class GMPL2Norm(nn.Module):
         super().__init__()
         self.eps = eps
 
-    def forward(self, x: Tensor) -> Tensor:
-        return functional.gmp_l2norm(x, self.eps)
+    def forward(self, x: Tensor, sizes: Tensor | None = None) -> Tensor:
+        return functional.gmp_l2norm(x, sizes, eps=self.eps)
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}"
+
+
+class MaskedMaxPool(nn.Module):
+    r"""Max over the valid tokens of each sequence (sentence-embedding pooling).
+
+    :math:`y_{n,c} = \max_{l : m_{n,l} \neq 0} h_{n,l,c}`; a sequence with no valid token gives
+    zeros. Equal to pooling each sequence's valid tokens alone, whatever padding holds.
+
+    Shape:
+        - Input: hidden states :math:`(N, L, C)` and attention mask :math:`(N, L)` (bool or
+          integer, non-zero for valid tokens).
+        - Output: :math:`(N, C)`.
+
+    Example::
+
+        >>> pool = MaskedMaxPool()
+        >>> hidden, mask = torch.randn(4, 16, 384), torch.ones(4, 16, dtype=torch.long)
+        >>> pool(hidden, mask).shape
+        torch.Size([4, 384])
+    """
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        return functional.masked_max_pool(hidden, attention_mask)
+
+
+class MaskedGMPL2Norm(nn.Module):
+    r"""``MaskedMaxPool`` followed by L2 normalisation: a sentence-embedding head.
+
+    Args:
+        eps: lower bound of the norm; a sequence with no valid token gives a zero embedding.
+
+    Shape:
+        - Input: hidden states :math:`(N, L, C)` and attention mask :math:`(N, L)`.
+        - Output: :math:`(N, C)`, rows of unit length.
+
+    Example::
+
+        >>> head = MaskedGMPL2Norm()
+        >>> emb = head(torch.randn(4, 16, 384), torch.ones(4, 16, dtype=torch.long))
+    """
+
+    def __init__(self, eps: float = 1e-12) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, hidden: Tensor, attention_mask: Tensor) -> Tensor:
+        return functional.masked_gmp_l2norm(hidden, attention_mask, eps=self.eps)
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"

@@ -23,6 +23,21 @@ def _impl(tensor: Tensor):
     return cpu_path
 
 
+def check_sizes_values(x: Tensor, sizes: Tensor | None) -> None:
+    """Sizes must lie within the padded map. Their values are only known when the op runs (under
+    torch.compile too), so they are checked here; on CUDA this reads one flag back to the host."""
+    if sizes is None or sizes.numel() == 0:
+        return
+    height, width = x.shape[2], x.shape[3]
+    bad = (sizes < 0).any(dim=1) | (sizes[:, 0] > height) | (sizes[:, 1] > width)
+    if bad.any():
+        first = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"sizes[{first}] = {tuple(sizes[first].tolist())} does not fit the padded map of "
+            f"height {height} and width {width} (sizes must be in 0..height, 0..width)"
+        )
+
+
 def grad_layout_is_channels_last(x: Tensor) -> bool:
     """Whether ``x``'s gradient is laid out with channels as the contiguous axis, as ``x`` is."""
     return x.stride(1) == 1 and x.shape[1] > 1 and any(size > 1 for size in x.shape[2:])
@@ -32,13 +47,17 @@ def grad_layout_is_channels_last(x: Tensor) -> bool:
 
 
 @torch.library.custom_op("gmp_triton::gmp_forward", mutates_args=())
-def gmp_forward(x: Tensor) -> tuple[Tensor, Tensor]:
-    """Returns ``pooled`` (N, C) and the int32 ``index`` (N, C) of the first maximum."""
-    return _impl(x).gmp_forward(x)
+def gmp_forward(
+    x: Tensor, sizes: Tensor | None = None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Returns ``pooled`` (N, C) and the int32 ``index`` (N, C) of the first maximum, over all
+    positions, the top-left ``sizes`` (N, 2) corner, or the positions ``mask`` (N, S) marks."""
+    check_sizes_values(x, sizes)
+    return _impl(x).gmp_forward(x, sizes, mask)
 
 
 @gmp_forward.register_fake
-def _(x: Tensor) -> tuple[Tensor, Tensor]:
+def _(x: Tensor, sizes: Tensor | None = None, mask: Tensor | None = None):
     n, c = x.shape[0], x.shape[1]
     return x.new_empty((n, c)), x.new_empty((n, c), dtype=torch.int32)
 
@@ -77,7 +96,7 @@ gmp_backward.register_autograd(_gmp_backward_backward, setup_context=_gmp_backwa
 
 
 def _gmp_setup_context(ctx, inputs, output) -> None:
-    (x,) = inputs
+    x, _, _ = inputs
     _, index = output
     ctx.save_for_backward(index)
     ctx.size = list(x.shape)
@@ -87,7 +106,7 @@ def _gmp_setup_context(ctx, inputs, output) -> None:
 
 def _gmp_backward(ctx, grad_pooled, _grad_index):
     (index,) = ctx.saved_tensors
-    return gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype)
+    return gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype), None, None
 
 
 gmp_forward.register_autograd(_gmp_backward, setup_context=_gmp_setup_context)
@@ -97,17 +116,20 @@ gmp_forward.register_autograd(_gmp_backward, setup_context=_gmp_setup_context)
 
 
 @torch.library.custom_op("gmp_triton::gmp_l2norm_forward", mutates_args=())
-def gmp_l2norm_forward(x: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def gmp_l2norm_forward(
+    x: Tensor, eps: float, sizes: Tensor | None = None, mask: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns ``out`` (N, C), and for the backward ``pooled`` (N, C), ``index`` (N, C, int32)
-    and ``norm`` (N,) in the accumulation dtype."""
+    and ``norm`` (N,) in the accumulation dtype. ``sizes`` and ``mask`` as in ``gmp_forward``."""
+    check_sizes_values(x, sizes)
     impl = _impl(x)
-    pooled, index = impl.gmp_forward(x)
+    pooled, index = impl.gmp_forward(x, sizes, mask)
     out, norm = impl.l2norm_forward(pooled, eps)
     return out, pooled, index, norm
 
 
 @gmp_l2norm_forward.register_fake
-def _(x: Tensor, eps: float):
+def _(x: Tensor, eps: float, sizes: Tensor | None = None, mask: Tensor | None = None):
     n, c = x.shape[0], x.shape[1]
     acc_dtype = cpu_path.accumulation_dtype(x.dtype)
     return (
@@ -130,7 +152,7 @@ def _(grad_out, pooled, norm, eps):
 
 
 def _gmp_l2norm_setup_context(ctx, inputs, output) -> None:
-    x, eps = inputs
+    x, eps, _, _ = inputs
     _, pooled, index, norm = output
     ctx.mark_non_differentiable(pooled, index, norm)
     ctx.save_for_backward(pooled, index, norm)
@@ -152,7 +174,7 @@ def _gmp_l2norm_backward(ctx, grad_out, *_unused):
     pooled, index, norm = ctx.saved_tensors
     grad_pooled = l2norm_backward(grad_out, pooled, norm, ctx.eps)
     grad_x = gmp_backward(grad_pooled, index, ctx.size, ctx.channels_last, ctx.dtype)
-    return grad_x, None
+    return grad_x, None, None, None
 
 
 gmp_l2norm_forward.register_autograd(_gmp_l2norm_backward, setup_context=_gmp_l2norm_setup_context)

@@ -11,6 +11,9 @@ Forward, per (n, c)::
     norm[n]      = sqrt(sum_c pooled[n, c] ** 2)           (fp32, fp64 for fp64 input)
     out[n, c]    = pooled[n, c] / max(norm[n], eps)
 
+Padded batches: only the valid positions of a sample take part (its top-left ``sizes[n]``
+corner, or the positions its mask marks); a sample with none pools to 0 and gets no gradient.
+
 NaN wins the max (as ``torch.amax``): a channel holding NaN pools to NaN and ``index`` points at
 its first NaN. Compiled ``tl.max`` ignores NaN while the interpreter propagates it, so the kernels
 never hand a NaN to ``tl.max``: NaN is tracked explicitly.
@@ -40,6 +43,11 @@ from .convert import div_rn, round_to, sqrt_rn, upcast
 # Marks a lane that has not seen any element yet; larger than any valid position.
 NO_INDEX = tl.constexpr(2**31 - 1)
 
+# Which positions of a sample take part in its max (the VALIDITY argument).
+ALL_POSITIONS = tl.constexpr(0)
+SIZES = tl.constexpr(1)
+MASK = tl.constexpr(2)
+
 
 @triton.jit
 def _wide(value, INDEX_64: tl.constexpr):
@@ -56,6 +64,12 @@ def _clamp_min_keep_nan(value, low):
     # tl.maximum returns the number when the other operand is NaN (the GPU's max instruction
     # does); torch.clamp_min keeps the NaN, and so must the norm of a NaN row.
     return tl.where(value != value, value, tl.maximum(value, low))
+
+
+@triton.jit
+def _zero_if_empty(value, index):
+    # A sample with no valid position (a zero size, an all-false mask) pools to 0, never -inf.
+    return tl.where(index == NO_INDEX, 0.0, value)
 
 
 @triton.jit
@@ -76,20 +90,32 @@ def gmp_forward_kernel(
     x_ptr,
     part_val_ptr,
     part_idx_ptr,
+    sizes_ptr,
+    mask_ptr,
     C,
     S,
+    W,
     positions_per_split,
     num_c_blocks,
     num_splits,
     stride_xn,
     stride_xc,
     stride_xs,
+    stride_mask_n,
+    stride_mask_s,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    VALIDITY: tl.constexpr,
     ACC_DTYPE: tl.constexpr,
     INDEX_64: tl.constexpr,
 ):
     """Max and first argmax of ``x[n, c-block, split]``, written to ``part[n, split, c]``.
+
+    ``VALIDITY`` says which positions of a sample take part: all of them (``ALL_POSITIONS``), the
+    top-left ``sizes[n] = (h_n, w_n)`` corner of a padded ``H x W`` map (``SIZES``; ``W`` is the
+    padded width), or those where ``mask[n, s] != 0`` (``MASK``). Other positions are never
+    loaded, so whatever padding holds (NaN included) cannot win. A sample with no valid position
+    pools to 0 with index ``NO_INDEX``, which the scatter kernel never matches: zero gradient.
 
     With one split, ``part_val``/``part_idx`` are the final ``pooled``/``index`` of shape (N, C).
     """
@@ -105,13 +131,33 @@ def gmp_forward_kernel(
     s_end = tl.minimum(s_begin + positions_per_split, S)
     x_rows = x_ptr + n * stride_xn + _wide(offs_c, INDEX_64)[:, None] * stride_xc
 
+    if VALIDITY == SIZES:
+        # Sizes were checked on the host; clamping keeps a bad value from reading out of bounds.
+        height = tl.minimum(tl.maximum(tl.load(sizes_ptr + 2 * n).to(tl.int32), 0), S // W)
+        width = tl.minimum(tl.maximum(tl.load(sizes_ptr + 2 * n + 1).to(tl.int32), 0), W)
+        # Rows below the item are never visited: stop after its last valid position.
+        s_end = tl.minimum(s_end, tl.where(height * width > 0, (height - 1) * W + width, 0))
+        # Column of each lane, advanced by BLOCK_S positions per step without a division.
+        lane_col = (s_begin + tl.arange(0, BLOCK_S)) % W
+        col_step = BLOCK_S % W
+
     # Each lane keeps the max of the positions it visited, so the loop needs no cross-thread
     # reduction; lanes visit positions in increasing order, so a strict ">" keeps the first one.
     best_val = tl.full((BLOCK_C, BLOCK_S), float("-inf"), ACC_DTYPE)
     best_idx = tl.full((BLOCK_C, BLOCK_S), NO_INDEX, tl.int32)
     for s0 in range(s_begin, s_end, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        mask = c_mask[:, None] & (offs_s < s_end)[None, :]
+        valid = offs_s < s_end
+        if VALIDITY == SIZES:
+            valid = valid & (lane_col < width)
+            lane_col += col_step
+            lane_col = tl.where(lane_col >= W, lane_col - W, lane_col)
+        if VALIDITY == MASK:
+            flags = tl.load(
+                mask_ptr + n * stride_mask_n + offs_s * stride_mask_s, mask=valid, other=0
+            )
+            valid = valid & (flags != 0)
+        mask = c_mask[:, None] & valid[None, :]
         raw = tl.load(
             x_rows + _wide(offs_s, INDEX_64)[None, :] * stride_xs, mask=mask, other=float("-inf")
         )
@@ -128,6 +174,8 @@ def gmp_forward_kernel(
     is_winner = tl.where(row_has_nan[:, None], lane_nan, lane_clean == row_max[:, None])
     row_idx = tl.min(tl.where(is_winner, best_idx, NO_INDEX), axis=1)
     row_val = tl.where(row_has_nan, float("nan"), row_max)
+    # Split results are combined first; the combine kernel applies the empty-sample rule.
+    row_val = tl.where((row_idx == NO_INDEX) & (num_splits == 1), 0.0, row_val)
 
     out_offs = (n * num_splits + split) * C + offs_c
     tl.store(part_val_ptr + out_offs, round_to(row_val, part_val_ptr.dtype.element_ty), mask=c_mask)
@@ -165,6 +213,7 @@ def gmp_combine_kernel(
         take = _take_first_max(val, best_val, best_idx)
         best_val = tl.where(take, val, best_val)
         best_idx = tl.where(take, idx, best_idx)
+    best_val = _zero_if_empty(best_val, best_idx)
     out_offs = n * C + offs_c
     tl.store(pooled_ptr + out_offs, round_to(best_val, pooled_ptr.dtype.element_ty), mask=c_mask)
     tl.store(index_ptr + out_offs, best_idx, mask=c_mask)

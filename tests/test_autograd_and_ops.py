@@ -39,13 +39,13 @@ def test_gradcheck_fp64(backend, shape, layout, split):
             gmp_triton.global_max_pool, (x,), fast_mode=FAST and backend == "triton"
         )
         assert torch.autograd.gradcheck(
-            lambda t: gmp_triton.gmp_l2norm(t, 1e-12), (x,), fast_mode=FAST and backend == "triton"
+            lambda t: gmp_triton.gmp_l2norm(t, eps=1e-12), (x,), fast_mode=FAST and backend == "triton"
         )
         # Below eps the norm is clamped and the gradient is g / eps. The probe step stays far
         # below the gaps between values, so no argmax changes under it.
         small = (x.detach() * 1e-4).requires_grad_(True)
         assert torch.autograd.gradcheck(
-            lambda t: gmp_triton.gmp_l2norm(t, 1.0),
+            lambda t: gmp_triton.gmp_l2norm(t, eps=1.0),
             (small,),
             eps=1e-9,
             fast_mode=FAST and backend == "triton",

@@ -86,7 +86,7 @@ def test_gmp_l2norm_matches_reference(backend, x, split, seed):
     ref_grad_x = scatter_like(x, ref_index, ref_grad_pooled.to(x.dtype))
 
     with _backend.cpu_backend(backend), forced_split(split):
-        out, grad_x = _backward(lambda t: gmp_triton.gmp_l2norm(t, eps), x, grad_out)
+        out, grad_x = _backward(lambda t: gmp_triton.gmp_l2norm(t, eps=eps), x, grad_out)
 
     assert_near(out, ref_out.to(x.dtype), "normalised output")
     assert_near(grad_x, ref_grad_x, "input gradient")
