@@ -1,0 +1,131 @@
+"""Settings of a training run, their checks, and the error raised for bad input.
+
+This module imports nothing heavy, so that the command line can build its parsers (choices,
+defaults) before any of the training dependencies is loaded.
+"""
+
+import dataclasses
+from dataclasses import dataclass
+
+DIGIT_DATA = ("digits", "digits-plain")
+POOLS = ("max", "avg")
+LOSSES = ("multi-similarity", "triplet", "contrastive", "proxy-anchor", "arcface")
+BACKBONES = ("small-cnn", "custom")
+
+
+class InputError(Exception):
+    """Bad input from the user (data, options, files): the command prints it as one line."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run; saved next to its checkpoint as ``config.json``.
+
+    Args:
+        data: ``"digits"`` (scikit-learn's digit scans placed on random canvases),
+            ``"digits-plain"`` (the bare 8x8 scans) or the path of a folder of class subfolders.
+        train_classes: names of the classes to train on; ``None`` takes the first half of the
+            sorted class names (or every class not in ``eval_classes``).
+        eval_classes: names of the held-out classes; ``None`` takes the classes not trained on.
+        image_size: side, in pixels, that folder images are resized to.
+        canvas_min, canvas_max: range of canvas sides for ``data="digits"``.
+        noise: standard deviation of the Gaussian noise added to the digit canvases.
+        eval_seed: seed of the held-out canvases, fixed so that runs compare on the same set.
+        backbone: ``"small-cnn"``, or ``"custom"`` for a module passed from Python.
+        widths: output channels of the small CNN's four convolutions.
+        pool: ``"max"`` (the fused Triton head) or ``"avg"`` (stock PyTorch ops).
+        embed_dim: size of the optional linear projection before the norm; ``None`` for none.
+        loss: one of ``LOSSES``, from pytorch-metric-learning.
+        epochs: passes over the training images.
+        m_per_class: images of each class in a batch (``MPerClassSampler``'s ``m``).
+        batch_size: images per batch; ``None`` takes ``m_per_class`` times the number of
+            training classes, at most 8 classes.
+        lr, weight_decay: AdamW settings of the model; trainable loss parameters (proxies,
+            class centres) learn ``loss_lr_scale`` times faster, as proxy losses need.
+        seed: seed of the weights, the sampler and the training placements.
+    """
+
+    data: str = "digits"
+    train_classes: list[str] | None = None
+    eval_classes: list[str] | None = None
+    image_size: int = 64
+    canvas_min: int = 24
+    canvas_max: int = 48
+    noise: float = 0.05
+    eval_seed: int = 0
+    backbone: str = "small-cnn"
+    widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    pool: str = "max"
+    embed_dim: int | None = None
+    loss: str = "multi-similarity"
+    epochs: int = 10
+    m_per_class: int = 16
+    batch_size: int | None = None
+    lr: float = 1e-3
+    weight_decay: float = 5e-3
+    loss_lr_scale: float = 100.0
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["widths"] = list(self.widths)
+        return values
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrainConfig":
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise InputError(f"unknown settings in the run's config: {', '.join(unknown)}")
+        config = cls(**values)
+        config.widths = tuple(config.widths)
+        return config
+
+
+def default_of(name: str):
+    """The default value of a ``TrainConfig`` field (the command line shows the same ones)."""
+    return next(field.default for field in dataclasses.fields(TrainConfig) if field.name == name)
+
+
+def check_config(config: TrainConfig) -> None:
+    """Raise ``InputError`` naming the first setting that cannot work."""
+
+    def positive_int(name: str, value) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+    def positive_float(name: str, value) -> None:
+        if not value > 0:
+            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+    if config.embed_dim is not None:
+        positive_int("embed_dim", config.embed_dim)
+    for name in ("epochs", "m_per_class", "image_size", "canvas_min", "canvas_max"):
+        positive_int(name, getattr(config, name))
+    if config.batch_size is not None:
+        positive_int("batch_size", config.batch_size)
+        if config.batch_size % config.m_per_class:
+            raise InputError(
+                f"--batch-size {config.batch_size} is not a multiple of --m-per-class "
+                f"{config.m_per_class}: each batch holds m images of each of its classes"
+            )
+    positive_float("lr", config.lr)
+    if config.weight_decay < 0:
+        raise InputError(f"--weight-decay must be 0 or more, got {config.weight_decay}")
+    if config.noise < 0:
+        raise InputError(f"--noise must be 0 or more, got {config.noise}")
+    if config.canvas_min < 8 or config.canvas_min > config.canvas_max:
+        raise InputError(
+            f"--canvas-size {config.canvas_min} {config.canvas_max}: need 8 <= MIN <= MAX, "
+            f"as the digits are 8x8"
+        )
+    if config.pool not in POOLS:
+        raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {config.pool!r}")
+    if config.loss not in LOSSES:
+        raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
+    if config.backbone not in BACKBONES:
+        raise InputError(f"backbone must be one of {', '.join(BACKBONES)}, got {config.backbone!r}")
+    if len(config.widths) != 4:
+        raise InputError(f"widths must hold 4 channel counts, got {list(config.widths)}")
+    for width in config.widths:
+        positive_int("widths", width)

@@ -1,0 +1,126 @@
+"""Bad input to ``train``, ``evaluate`` and ``embed``: one line that names the problem, exit
+status 2, no traceback, and nothing trained."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gmp_triton import _backend
+from gmp_triton.cli import main
+
+pytest.importorskip("pytorch_metric_learning")
+pytest.importorskip("PIL")
+
+
+def write_pngs(folder: Path, count: int, side: int = 12) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        pixels = rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"{index}.png")
+
+
+def run_failing(capsys, *argv) -> str:
+    """Run the command, check that it failed cleanly, and return its one line of error."""
+    with _backend.cpu_backend("torch"):
+        status = main([str(arg) for arg in argv])
+    captured = capsys.readouterr()
+    assert status == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert lines[0].startswith(f"gmp-triton {argv[0]}: error: ")
+    return lines[0]
+
+
+def test_missing_data_folder(capsys, tmp_path):
+    line = run_failing(capsys, "train", "--data", tmp_path / "nowhere", "--out", tmp_path / "r")
+    assert "does not exist" in line and "nowhere" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_empty_data_folder(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    line = run_failing(capsys, "train", "--data", tmp_path / "empty", "--out", tmp_path / "r")
+    assert "holds no class subfolders" in line
+
+
+def test_class_folder_without_images(capsys, tmp_path):
+    write_pngs(tmp_path / "data" / "a", 4)
+    (tmp_path / "data" / "b").mkdir()
+    line = run_failing(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "r")
+    assert "holds no images" in line and "'" + str(tmp_path / "data" / "b") + "'" in line
+
+
+def test_single_class(capsys, tmp_path):
+    write_pngs(tmp_path / "data" / "cats", 20)
+    line = run_failing(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "r")
+    assert "single class ('cats')" in line
+
+
+def test_too_few_classes_for_both_halves(capsys, tmp_path):
+    for name in ("a", "b", "c"):
+        write_pngs(tmp_path / "data" / name, 20)
+    line = run_failing(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "r")
+    assert "1 training class" in line and "at least 2" in line
+
+
+def test_unreadable_image(capsys, tmp_path):
+    for name in ("a", "b", "c", "d"):
+        write_pngs(tmp_path / "data" / name, 20)
+    broken = tmp_path / "data" / "c" / "broken.png"
+    broken.write_bytes(b"this is not a PNG file")
+    line = run_failing(capsys, "train", "--data", tmp_path / "data", "--out", tmp_path / "r")
+    assert "cannot read image" in line and "broken.png" in line
+
+
+def test_class_smaller_than_the_sampler_needs(capsys, tmp_path):
+    for name, count in (("a", 20), ("b", 3), ("c", 20), ("d", 20)):
+        write_pngs(tmp_path / "data" / name, count)
+    argv = ("--data", tmp_path / "data", "--m-per-class", "4", "--out", tmp_path / "r")
+    line = run_failing(capsys, "train", *argv)
+    assert "class 'b' has 3 images" in line and "--m-per-class" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_embed_dim_zero(capsys, tmp_path):
+    line = run_failing(capsys, "train", "--embed-dim", "0", "--out", tmp_path / "r")
+    assert "--embed-dim must be a positive integer, got 0" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--epochs", "0"), "--epochs must be a positive integer"),
+        (("--batch-size", "20", "--m-per-class", "8"), "not a multiple of --m-per-class"),
+        (("--batch-size", "64", "--m-per-class", "8"), "there are 5 training classes"),
+        (("--canvas-size", "30", "20"), "--canvas-size 30 20"),
+        (("--lr", "-1"), "--lr must be positive"),
+        (("--train-classes", "0,1,x"), "no class 'x'"),
+        (("--train-classes", "0,1,5", "--eval-classes", "5,6"), "both trained on and held out"),
+    ],
+)
+def test_other_bad_options(capsys, tmp_path, option, message):
+    line = run_failing(capsys, "train", *option, "--out", tmp_path / "r")
+    assert message in line
+
+
+def test_missing_checkpoint(capsys, tmp_path):
+    line = run_failing(capsys, "evaluate", tmp_path / "no_run")
+    assert "no checkpoint at" in line
+    line = run_failing(capsys, "embed", tmp_path / "no_run", tmp_path / "x.png")
+    assert "no checkpoint at" in line
+
+
+def test_damaged_checkpoint(capsys, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    line = run_failing(capsys, "evaluate", tmp_path)
+    assert "cannot read checkpoint" in line
+
+
+def test_resume_without_a_run(capsys, tmp_path):
+    line = run_failing(capsys, "train", "--resume", tmp_path)
+    assert "no checkpoint at" in line
