@@ -121,19 +121,38 @@ def decode_constexpr(value):
 
 
 def build_source(spec: dict):
-    """``(source, target, options)`` for ``triton.compile``: the same source, hints and options
-    as the JIT builds for the launch, so that the cache key is the JIT's too."""
+    """``(source, target, options)`` for ``triton.compile``: the same source, constants, hints and
+    options as the JIT builds for the launch, so that the cache key is the JIT's too."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
     kernel = getattr(importlib.import_module(spec["module"]), spec["kernel"])
     target = GPUTarget("cuda", spec["arch"], 32)
     backend = make_backend(target)
+    options = {"num_warps": spec["num_warps"]}
+    signature = spec["signature"]
     constexprs = {name: decode_constexpr(value) for name, value in spec["constexprs"].items()}
-    names = list(spec["signature"])
-    attrs = {(names.index(name),): backend.parse_attr(hint) for name, hint in spec["hints"].items()}
-    source = ASTSource(fn=kernel, signature=spec["signature"], constexprs=constexprs, attrs=attrs)
-    return source, target, {"num_warps": spec["num_warps"]}
+    names = list(signature)
+    if hasattr(kernel, "_pack_args"):
+        # The JIT's own packing of a specialisation; Triton versions differ in which arguments
+        # it lists hints for, and the cache key sees the difference.
+        specialization = [
+            ("constexpr", constexprs[name])
+            if kind == "constexpr"
+            else (kind, spec["hints"].get(name))
+            for name, kind in signature.items()
+        ]
+        bound = {name: constexprs.get(name) for name in names}
+        _, signature, constants, attrs = kernel._pack_args(
+            backend, dict(options), bound, specialization, None
+        )
+    else:
+        constants = constexprs
+        attrs = {
+            (names.index(name),): backend.parse_attr(hint) for name, hint in spec["hints"].items()
+        }
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attrs)
+    return source, target, options
 
 
 def compile_and_inspect(spec: dict, workdir: Path) -> dict:

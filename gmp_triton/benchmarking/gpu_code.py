@@ -6,8 +6,8 @@ the multiprocessor count of a reference GPU of each architecture, so the block s
 warps and ``INDEX_64`` choices are exactly those a launch on that GPU would make (the forward
 launcher also with per-sample sizes and with a mask, where it takes them). The recorded arguments
 are then specialised by Triton's own function for it (an integer equal to 1 becomes a constant,
-integers divisible by 16 and 16-byte aligned pointers get a divisibility hint) and passed on as
-the JIT passes them, so a variant compiles under the JIT's own cache key. Meta tensors report
+integers divisible by 16 and 16-byte aligned pointers get a divisibility hint) and packed by the
+JIT's own code, so a variant compiles under the JIT's own cache key. Meta tensors report
 address 0, so every pointer counts as aligned, as a fresh CUDA allocation is.
 
 Each distinct variant is compiled ahead of time through ``triton.compile`` for ``sm_80`` and
@@ -81,8 +81,8 @@ class Variant:
     signature: tuple[tuple[str, str], ...]
     # Constexpr name -> value; Triton dtypes are kept by name ("fp32").
     constexprs: tuple[tuple[str, object], ...]
-    # Argument name -> the JIT's specialisation string ("D": divisible by 16, "": nothing known),
-    # for every argument the JIT gives one, in parameter order, as the JIT passes them on.
+    # Argument name -> the JIT's specialisation string ("D": divisible by 16, "": nothing known)
+    # for the pointer and integer arguments, in parameter order.
     hints: tuple[tuple[str, str], ...]
 
     @property
@@ -274,8 +274,6 @@ def specialise(launch: Launch, arch: int) -> Variant:
         signature.append((name, kind))
         if kind == "constexpr":
             constexprs.append((name, attribute))
-            # The JIT hands every constant an empty hint too.
-            hints.append((name, ""))
         elif isinstance(attribute, str):
             hints.append((name, attribute))
     return Variant(
