@@ -39,7 +39,7 @@ def _milliseconds(row: dict) -> str:
 
 
 def _mebibytes(value: int | None) -> str:
-    return "n/a" if value is None else f"{value / MIB:.2f}"
+    return "n/a" if value is None else f"{value / MIB:.3g}"
 
 
 def speedup(run: dict, case: str, mode: str, baseline: str) -> float | None:
@@ -252,11 +252,19 @@ def _plot_cases(run: dict) -> list[str]:
 
 
 def _finish(figure, axes, title: str) -> None:
+    # Title, then the shared legend under it, then the plots.
+    figure.suptitle(title, fontsize=9, y=0.998, va="top")
     handles, labels = axes[0, 0].get_legend_handles_labels()
-    figure.legend(handles, labels, loc="upper center", ncols=max(1, len(labels)), fontsize=8)
-    figure.suptitle(title, fontsize=9, y=0.995, va="top")
-    # Leave room at the top for the title and the legend.
-    figure.tight_layout(rect=(0, 0, 1, 0.95))
+    figure.legend(
+        handles,
+        labels,
+        loc="upper center",
+        bbox_to_anchor=(0.5, 0.985),
+        ncols=max(1, len(labels)),
+        fontsize=8,
+        frameon=False,
+    )
+    figure.tight_layout(rect=(0, 0, 1, 0.96))
 
 
 def write_plots(run: dict, folder: Path) -> list[Path]:
