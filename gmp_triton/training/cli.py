@@ -87,7 +87,7 @@ def _add_train_parser(subcommands) -> None:
         nargs=2,
         default=(default_of("canvas_min"), default_of("canvas_max")),
         metavar=("MIN", "MAX"),
-        help="range of canvas sides for --data digits (default: %(default)s)",
+        help="range of canvas sides for --data digits (default: 24 48)",
     )
 
     model = parser.add_argument_group("model")
@@ -103,7 +103,7 @@ def _add_train_parser(subcommands) -> None:
         type=int,
         metavar="D",
         help="add a linear projection to D dimensions before the pooling and norm (default: "
-        "none; the embedding is the backbone's 128 channels)",
+        "none; the embedding is the backbone's 64 channels)",
     )
 
     training = parser.add_argument_group("training")
@@ -168,7 +168,7 @@ def _add_train_parser(subcommands) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run in DIR from its last checkpoint, with its settings; only --epochs "
-        "may be raised",
+        "(to train longer) and --device may change",
     )
     parser.set_defaults(run=_guarded(run_train))
 

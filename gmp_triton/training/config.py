@@ -32,7 +32,7 @@ class TrainConfig:
         noise: standard deviation of the Gaussian noise added to the digit canvases.
         eval_seed: seed of the held-out canvases, fixed so that runs compare on the same set.
         backbone: ``"small-cnn"``, or ``"custom"`` for a module passed from Python.
-        widths: output channels of the small CNN's four convolutions.
+        widths: output channels of the small CNN's convolutions.
         pool: ``"max"`` (the fused Triton head) or ``"avg"`` (stock PyTorch ops).
         embed_dim: size of the optional linear projection before the norm; ``None`` for none.
         loss: one of ``LOSSES``, from pytorch-metric-learning.
@@ -54,7 +54,7 @@ class TrainConfig:
     noise: float = 0.05
     eval_seed: int = 0
     backbone: str = "small-cnn"
-    widths: tuple[int, int, int, int] = (16, 32, 64, 128)
+    widths: tuple[int, ...] = (32, 64)
     pool: str = "max"
     embed_dim: int | None = None
     loss: str = "multi-similarity"
@@ -125,7 +125,7 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.backbone not in BACKBONES:
         raise InputError(f"backbone must be one of {', '.join(BACKBONES)}, got {config.backbone!r}")
-    if len(config.widths) != 4:
-        raise InputError(f"widths must hold 4 channel counts, got {list(config.widths)}")
+    if len(config.widths) == 0:
+        raise InputError("widths must hold at least one channel count")
     for width in config.widths:
         positive_int("widths", width)

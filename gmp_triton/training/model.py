@@ -12,39 +12,35 @@ from ..modules import GMPL2Norm
 
 
 class SmallConvNet(nn.Module):
-    """A small CNN sized for CPU training: two 3x3 convolutions at full resolution, then one after
-    each of two 2x2 max-pools, each with batch norm. Takes any input of at least 4x4 pixels.
+    """A small CNN sized for CPU training: 3x3 convolutions with batch norm, ReLU between them,
+    all at full resolution. Takes any input size.
+
+    There is no downsampling: the objects it is made for are small (8-pixel digits), and the
+    global max over positions, not strided layers, is what makes the embedding indifferent to
+    where an object lies. The last convolution has no ReLU, so features can be negative and the
+    embeddings spread over the whole sphere rather than its positive orthant.
 
     Args:
         in_channels: 1 for grey images, 3 for colour.
-        widths: output channels of the four convolutions; the last is ``out_channels``.
+        widths: output channels of each convolution; the last is ``out_channels``.
 
     Shape:
         - Input: :math:`(N, C_{in}, H, W)`.
-        - Output: :math:`(N, C_{out}, \\lfloor H/4 \\rfloor, \\lfloor W/4 \\rfloor)`.
+        - Output: :math:`(N, C_{out}, H, W)`.
     """
 
-    def __init__(self, in_channels: int, widths: tuple[int, int, int, int] = (16, 32, 64, 128)):
+    def __init__(self, in_channels: int, widths: tuple[int, ...] = (32, 64)) -> None:
         super().__init__()
-
-        def conv(inputs: int, outputs: int) -> list[nn.Module]:
-            return [nn.Conv2d(inputs, outputs, 3, padding=1, bias=False), nn.BatchNorm2d(outputs)]
-
-        first, second, third, fourth = widths
-        self.layers = nn.Sequential(
-            *conv(in_channels, first),
-            nn.ReLU(inplace=True),
-            *conv(first, second),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            *conv(second, third),
-            nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
-            # No ReLU at the end: the features may then be negative, and the embeddings spread
-            # over the whole sphere rather than only its positive orthant.
-            *conv(third, fourth),
-        )
-        self.out_channels = fourth
+        layers: list[nn.Module] = []
+        for inputs, outputs in zip((in_channels, *widths[:-1]), widths, strict=True):
+            if layers:
+                layers.append(nn.ReLU(inplace=True))
+            layers += [
+                nn.Conv2d(inputs, outputs, 3, padding=1, bias=False),
+                nn.BatchNorm2d(outputs),
+            ]
+        self.layers = nn.Sequential(*layers)
+        self.out_channels = widths[-1]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.layers(x)
@@ -97,7 +93,7 @@ def build_model(
     in_channels: int,
     pool: str,
     embed_dim: int | None,
-    widths: tuple[int, int, int, int] = (16, 32, 64, 128),
+    widths: tuple[int, ...] = (32, 64),
     backbone: nn.Module | None = None,
     feature_channels: int | None = None,
 ) -> EmbeddingModel:
