@@ -80,7 +80,7 @@ gate_args=()
 if (( rehearse )); then
     gate_args=(--arch 90 --dtypes fp32 --shapes "ResNet-50 head")
 fi
-timeout "$gate_limit" "$python" -m gmp_triton gpu-code "${gate_args[@]}" --markdown "$out/gpu_code.md" \
+timeout "$gate_limit" "$python" -m gmp_triton gpu-code ${gate_args[@]+"${gate_args[@]}"} --markdown "$out/gpu_code.md" \
     --json "$out/gpu_code.json" 2>&1 | tee "$out/gpu_code.log"
 gate_status=${PIPESTATUS[0]}
 if (( gate_status != 0 )); then
