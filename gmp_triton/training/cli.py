@@ -9,6 +9,7 @@ import argparse
 import datetime
 import logging
 import sys
+import time
 from pathlib import Path
 
 from .config import DIGIT_DATA, LOSSES, POOLS, InputError, TrainConfig, default_of
@@ -348,6 +349,7 @@ def run_train(args: argparse.Namespace) -> int:
         out_dir = Path(args.out) if args.out is not None else _new_run_folder()
 
     _show_progress()
+    started = time.perf_counter()
     try:
         result = train(
             config,
@@ -366,9 +368,14 @@ def run_train(args: argparse.Namespace) -> int:
 
     print(results_table(result.results, result.held_out_classes, result.held_out_images))
     epochs = len(result.history)
+    session = time.perf_counter() - started
+    if args.resume is None:
+        timing = f"{session:.0f} s in all with data and evaluations"
+    else:
+        timing = f"counting earlier sessions; this one took {session:.0f} s"
     print(
         f"\nTrained {epochs} epoch{'s' if epochs != 1 else ''} in {result.train_seconds:.0f} s "
-        f"on {result.device}. Run folder: {out_dir}"
+        f"({timing}) on {result.device}.\nRun folder: {out_dir}"
     )
     return 0
 
@@ -380,13 +387,14 @@ def results_table(results: dict[str, dict[str, float]], classes: list[str], imag
     shown = ", ".join(classes[:10]) + (
         f" and {len(classes) - 10} more" if len(classes) > 10 else ""
     )
+    width = max(len(model) for model in results) + 2
     lines = [
         f"Held-out classes {shown}: {images} images, each querying all the others",
         "",
-        f"{'':20}" + "".join(f"{METRIC_LABELS[name]:>8}" for name in METRICS),
+        " " * width + "".join(f"{METRIC_LABELS[name]:>8}" for name in METRICS),
     ]
     for model, metrics in results.items():
-        lines.append(f"{model:20}" + "".join(f"{metrics[name]:8.3f}" for name in METRICS))
+        lines.append(f"{model:{width}}" + "".join(f"{metrics[name]:8.3f}" for name in METRICS))
     return "\n".join(lines)
 
 

@@ -1,9 +1,9 @@
 """A training run: data, model, loss and optimiser from a ``TrainConfig``, the epochs, the
 checkpoints in the run folder, and the comparison with two baselines on the held-out classes.
 
-``train`` can be stopped at any point and continued with ``resume=True``: each epoch ends with a
-checkpoint of the model, the optimiser, the loss's own parameters and every random state, so the
-continued run computes what an uninterrupted one would have.
+``train`` can be stopped at any point and continued with ``resume=True`` from its last complete
+epoch: each epoch ends with a checkpoint of the model, the optimiser, the loss's own parameters
+and every random state, so the continued run computes what an uninterrupted one would have.
 """
 
 import dataclasses
