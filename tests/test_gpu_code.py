@@ -52,9 +52,20 @@ GATE_SHAPES = [
 GATE_DTYPES = [torch.float32, torch.bfloat16, torch.float64]
 
 
+# The other poolings add statistics to the same loop (more registers) and their own backward: they
+# are compiled on the maps and dtypes where that matters most (fp32 and fp64, one and several
+# splits, an unaligned map).
+FAMILY_SHAPES = GATE_SHAPES[:3]
+FAMILY_DTYPES = [torch.float32, torch.float64]
+
+
 @pytest.fixture(scope="module")
 def gate_variants():
-    return gpu_code.discover_variants(GATE_SHAPES, GATE_DTYPES)
+    variants = gpu_code.discover_variants(GATE_SHAPES, GATE_DTYPES, pools=["max"])
+    family = gpu_code.discover_variants(FAMILY_SHAPES, FAMILY_DTYPES, pools=gpu_code.POOLS[1:])
+    for variant, info in family.items():
+        variants.setdefault(variant, info)
+    return variants
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +87,12 @@ def test_ptx_access_widths_are_vector_length_times_element_width():
         ]
     )
     widths = compile_worker.read_access_widths(ptx)
-    assert widths == {"LDG": [4 * 32, 2 * 64, 16], "STG": [2 * 32]}
+    assert widths == {
+        "LDG": [4 * 32, 2 * 64, 16],
+        "LDG masked": [4 * 32],
+        "STG": [2 * 32],
+        "STG masked": [2 * 32],
+    }
 
 
 def test_sass_access_widths():
@@ -125,7 +141,7 @@ def _forward_variant(shape: Shape, layout: str, dtype=torch.float32, arch: int =
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     x = torch.empty(shape.size, dtype=dtype, device="meta", memory_format=memory_format)
     launches = gpu_code.record_launches(x, gpu_code.REFERENCE_NUM_SMS[arch])
-    forward = [launch for launch in launches if launch.kernel_name == "gmp_forward_kernel"]
+    forward = [launch for launch in launches if launch.kernel_name == gpu_code.FORWARD_KERNEL]
     assert len(forward) == 1
     return gpu_code.specialise(forward[0], arch)
 

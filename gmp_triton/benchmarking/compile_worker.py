@@ -23,8 +23,9 @@ from pathlib import Path
 
 RESOURCE_PATTERN = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 SPILL_PATTERN = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
-# A global access in PTX: "ld.global.v4.b32", "st.global.b16", "ld.global.L1::evict_last.v2.b64".
-ACCESS_PATTERN = re.compile(r"\b(ld|st)\.global((?:\.[\w:]+)*)")
+# A global access in PTX: "ld.global.v4.b32", "st.global.b16", "ld.global.L1::evict_last.v2.b64",
+# with its guard predicate if it has one ("@%p1 ld.global...").
+ACCESS_PATTERN = re.compile(r"(@!?%p\w+\s+)?\b(ld|st)\.global((?:\.[\w:]+)*)")
 VECTOR_PATTERN = re.compile(r"^v(\d+)$")
 ELEMENT_PATTERN = re.compile(r"^[bsuf](\d+)$")
 OPCODES = {"ld": "LDG", "st": "STG"}
@@ -53,9 +54,11 @@ def read_spill_bytes(ptxas_log: str) -> int:
 
 def read_access_widths(ptx: str) -> dict[str, list[int]]:
     """Width in bits of every global load ("LDG") and store ("STG") in PTX: vector length times
-    element width, so ``ld.global.v4.b32`` is 128 and ``ld.global.b16`` is 16."""
+    element width, so ``ld.global.v4.b32`` is 128 and ``ld.global.b16`` is 16. The accesses
+    guarded by a predicate are also listed under "LDG masked" and "STG masked": the kernels'
+    tile accesses are all masked, while a per-program scalar (GeM's exponent, say) is not."""
     widths: dict[str, list[int]] = {}
-    for kind, modifiers in ACCESS_PATTERN.findall(ptx):
+    for predicate, kind, modifiers in ACCESS_PATTERN.findall(ptx):
         lanes, bits = 1, None
         for modifier in modifiers.split(".")[1:]:
             if vector := VECTOR_PATTERN.match(modifier):
@@ -64,6 +67,8 @@ def read_access_widths(ptx: str) -> dict[str, list[int]]:
                 bits = int(element.group(1))
         if bits is not None:
             widths.setdefault(OPCODES[kind], []).append(lanes * bits)
+            if predicate:
+                widths.setdefault(OPCODES[kind] + " masked", []).append(lanes * bits)
     return widths
 
 

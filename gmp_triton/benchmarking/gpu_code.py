@@ -27,6 +27,7 @@ so it cannot prove alignment for smaller factors, and such maps are read with sc
 import contextlib
 import dataclasses
 import inspect
+import itertools
 import json
 import logging
 import math
@@ -48,7 +49,10 @@ ARCHS = (80, 90)
 # The split heuristic depends on the multiprocessor count: A100 (sm_80) and H100/H200 (sm_90).
 REFERENCE_NUM_SMS = {80: 108, 90: 132}
 # Kernels that move the feature map, and which of their accesses is the main path.
-MAIN_PATH_ACCESS = {"gmp_forward_kernel": "LDG", "gmp_backward_kernel": "STG"}
+MAIN_PATH_ACCESS = {"pool_stats_kernel": "LDG", "pool_backward_kernel": "STG"}
+FORWARD_KERNEL = "pool_stats_kernel"
+# Every pooling compiles its own forward and backward variants.
+POOLS = ("max", "avg", "avgmax", "catavgmax", "gem")
 GATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 VECTOR_BITS = 128
 # Alignment, in elements, that the JIT can prove (it marks integers divisible by 16).
@@ -114,6 +118,8 @@ class VariantInfo:
     # Narrowest acceptable main-path access in bits; None: no expectation (not a feature-map
     # kernel, or the map is not aligned along the axis the tile runs on).
     expected_bits: int | None
+    # The pooling of the first launch that produced the variant.
+    pool: str = "max"
 
 
 @dataclasses.dataclass
@@ -133,8 +139,10 @@ class VariantResult:
 
     @property
     def main_path_widths(self) -> list[int]:
+        # The tile's loads (forward) or stores (backward) are masked, hence predicated; scalar
+        # loads of per-program values are not part of the main path.
         opcode = MAIN_PATH_ACCESS.get(self.variant.kernel)
-        return self.access_widths.get(opcode, []) if opcode else []
+        return self.access_widths.get(opcode + " masked", []) if opcode else []
 
     @property
     def spills(self) -> bool:
@@ -293,7 +301,7 @@ def _expected_bits(launch: Launch, element_size: int) -> int | None:
         return None
     names = [name for name, _ in parameters(launch.kernel)]
     arg = dict(zip(names, launch.args, strict=False)) | launch.kwargs
-    prefix = "stride_x" if launch.kernel_name == "gmp_forward_kernel" else "stride_g"
+    prefix = "stride_x" if launch.kernel_name == FORWARD_KERNEL else "stride_g"
     if arg[prefix + "s"] == 1 and arg["S"] > 1:
         extent, block = arg["S"], arg["BLOCK_S"]
     elif arg[prefix + "c"] == 1:
@@ -335,7 +343,7 @@ def forward_options(x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     ``mask`` of valid positions. Each compiles its own forward variant."""
     from .. import launch
 
-    accepted = inspect.signature(launch.gmp_forward).parameters
+    accepted = inspect.signature(launch.pool_forward).parameters
     n, positions = x.shape[0], math.prod(x.shape[2:])
     options = {"": {}}
     if "sizes" in accepted and x.dim() == 4:
@@ -345,20 +353,34 @@ def forward_options(x: torch.Tensor) -> dict[str, dict[str, torch.Tensor]]:
     return options
 
 
-def record_launches(x: torch.Tensor, num_sms: int, **forward_kwargs) -> list[Launch]:
-    """The kernel calls a forward and backward pass of ``gmp_l2norm`` makes on ``x`` (a meta
-    tensor) on a GPU with ``num_sms`` multiprocessors; ``forward_kwargs`` go to the forward
-    launcher (see ``forward_options``)."""
+def record_launches(
+    x: torch.Tensor, num_sms: int, pool: str = "max", **forward_kwargs
+) -> list[Launch]:
+    """The kernel calls a forward and backward pass of ``pool_l2norm(x, pool)`` makes on ``x``
+    (a meta tensor) on a GPU with ``num_sms`` multiprocessors; ``forward_kwargs`` go to the
+    forward launcher (see ``forward_options``)."""
     from .. import launch, ops
 
+    gem_p = torch.empty(1, device=x.device) if pool == "gem" else None
     with _recording_launches(num_sms) as launches:
-        pooled, index = launch.gmp_forward(x, **forward_kwargs)
+        pooled, index, _ = launch.pool_forward(x, pool, gem_p=gem_p, **forward_kwargs)
         # The launchers allocate their outputs before launching, so these are meta tensors of
         # the right shapes even though no kernel ran.
-        out, norm = launch.l2norm_forward(pooled, EPS)
+        out, norm = launch.l2norm_forward(pooled, EPS, x.dtype)
         grad_pooled = launch.l2norm_backward(out, pooled, norm, EPS)
         channels_last = ops.grad_layout_is_channels_last(x)
-        launch.gmp_backward(grad_pooled, index, list(x.shape), channels_last, x.dtype)
+        launch.pool_backward(
+            grad_pooled,
+            index,
+            pooled,
+            x if pool == "gem" else None,
+            list(x.shape),
+            channels_last,
+            x.dtype,
+            pool,
+            gem_p=gem_p,
+            **forward_kwargs,
+        )
     return launches
 
 
@@ -366,37 +388,38 @@ def discover_variants(
     shapes: Iterable[Shape] = CUDA_SHAPES + COVERAGE_SHAPES,
     dtypes: Sequence[torch.dtype] = GATE_DTYPES,
     archs: Sequence[int] = ARCHS,
+    pools: Sequence[str] = POOLS,
 ) -> dict[Variant, VariantInfo]:
-    """Every distinct kernel variant the launchers choose for these maps, per architecture."""
+    """Every distinct kernel variant the launchers choose for these maps and poolings, per
+    architecture."""
     variants: dict[Variant, VariantInfo] = {}
     shapes = list(shapes)
-    for arch in archs:
-        for shape in shapes:
-            for layout, make in _layouts(shape):
-                for dtype in dtypes:
-                    x = make(dtype)
-                    for option, kwargs in forward_options(x).items():
-                        example = f"{shape.name}: {tuple(x.shape)} {layout}"
-                        example += f" with {option}" if option else ""
-                        for launch in record_launches(x, REFERENCE_NUM_SMS[arch], **kwargs):
-                            variant = specialise(launch, arch)
-                            # Sizes and masks are data: which positions count is not known
-                            # when compiling, so those loads need not be vectors.
-                            expected = None if option else _expected_bits(launch, x.element_size())
-                            info = variants.get(variant)
-                            if info is None:
-                                variants[variant] = VariantInfo(
-                                    str(dtype).removeprefix("torch."),
-                                    layout,
-                                    option or "all",
-                                    [example],
-                                    expected,
-                                )
-                            else:
-                                info.examples.append(example)
-                                info.expected_bits = (
-                                    max(info.expected_bits or 0, expected or 0) or None
-                                )
+    for arch, shape, pool in itertools.product(archs, shapes, pools):
+        for layout, make in _layouts(shape):
+            for dtype in dtypes:
+                x = make(dtype)
+                for option, kwargs in forward_options(x).items():
+                    example = f"{shape.name}: {tuple(x.shape)} {layout}, {pool}"
+                    example += f" with {option}" if option else ""
+                    launches = record_launches(x, REFERENCE_NUM_SMS[arch], pool, **kwargs)
+                    for launch in launches:
+                        variant = specialise(launch, arch)
+                        # Sizes and masks are data: which positions count is not known
+                        # when compiling, so those loads need not be vectors.
+                        expected = None if option else _expected_bits(launch, x.element_size())
+                        info = variants.get(variant)
+                        if info is None:
+                            variants[variant] = VariantInfo(
+                                str(dtype).removeprefix("torch."),
+                                layout,
+                                option or "all",
+                                [example],
+                                expected,
+                                pool,
+                            )
+                        else:
+                            info.examples.append(example)
+                            info.expected_bits = max(info.expected_bits or 0, expected or 0) or None
     return variants
 
 
@@ -546,12 +569,11 @@ def result_rows(results: Iterable[VariantResult]) -> list[dict]:
         rows.append(
             {
                 "kernel": variant.kernel.removesuffix("_kernel"),
+                "pool": result.info.pool if variant.kernel in MAIN_PATH_ACCESS else "",
                 "sm": variant.arch,
                 "dtype": result.info.dtype,
                 "layout": result.info.layout if variant.kernel in MAIN_PATH_ACCESS else "rows",
-                "positions": result.info.positions
-                if variant.kernel == "gmp_forward_kernel"
-                else "",
+                "positions": result.info.positions if variant.kernel in MAIN_PATH_ACCESS else "",
                 "block": f"{block_c}x{block_s}" if block_s else f"{block_c}",
                 "splits": splits,
                 "warps": variant.num_warps,
@@ -567,7 +589,7 @@ def result_rows(results: Iterable[VariantResult]) -> list[dict]:
                 "example": result.info.examples[0],
             }
         )
-    order = ("kernel", "sm", "layout", "positions", "dtype", "block", "splits", "int64")
+    order = ("kernel", "pool", "sm", "layout", "positions", "dtype", "block", "splits", "int64")
     rows.sort(key=lambda r: tuple(str(r[k]) for k in order))
     return rows
 
