@@ -184,3 +184,108 @@ def masked_gmp_l2norm(hidden: Tensor, attention_mask: Tensor, eps: float = 1e-12
     _check_eps(eps, "masked_gmp_l2norm")
     out, _, _, _ = ops.gmp_l2norm_forward(hidden.transpose(1, 2), float(eps), None, attention_mask)
     return out
+
+
+POOLS = ("max", "avg", "avgmax", "catavgmax", "gem")
+
+
+def _check_pool(pool, caller: str) -> None:
+    if pool not in POOLS:
+        raise ValueError(f"{caller}: pool must be one of {', '.join(POOLS)}; got {pool!r}")
+
+
+def _gem_exponent(x: Tensor, p, pool: str, caller: str) -> Tensor | None:
+    """GeM's exponent as a tensor (a float becomes a constant); None for the other poolings."""
+    if pool != "gem":
+        if p is not None:
+            raise ValueError(f"{caller}: p is GeM's exponent; pool={pool!r} takes none")
+        return None
+    if p is None:
+        raise ValueError(f"{caller}: pool='gem' needs its exponent p (a float or a tensor)")
+    if isinstance(p, Tensor):
+        if p.numel() != 1 or not p.is_floating_point():
+            raise ValueError(
+                f"{caller}: p must be a float or a one-element float tensor, got "
+                f"{p.dtype} of shape {tuple(p.shape)}"
+            )
+        _check_same_device(x, p, "p", caller)
+        return p
+    if not isinstance(p, (int, float)):
+        raise TypeError(f"{caller}: p must be a float or a tensor, got {type(p).__name__}")
+    return torch.tensor([float(p)], dtype=torch.float32, device=x.device)
+
+
+def _pooled(x: Tensor, pool: str, sizes, p, gem_eps: float, caller: str) -> Tensor:
+    """The pooled (N, D) rows in the accumulation dtype, with autograd."""
+    check_feature_map(x, caller)
+    check_sizes(x, sizes, caller)
+    _check_pool(pool, caller)
+    gem_p = _gem_exponent(x, p, pool, caller)
+    if pool == "gem":
+        _check_eps(gem_eps, f"{caller} (gem_eps)")
+    pooled, _, _ = ops.pool_forward(x, pool, gem_p, float(gem_eps), sizes)
+    return pooled
+
+
+def global_pool(
+    x: Tensor,
+    pool: str = "avg",
+    sizes: Tensor | None = None,
+    p: float | Tensor | None = None,
+    gem_eps: float = 1e-6,
+) -> Tensor:
+    """Global pooling of each channel over all (valid) positions.
+
+    ``pool`` is one of ``"max"`` (as ``global_max_pool``), ``"avg"`` (mean), ``"avgmax"`` (the mean
+    of avg and max), ``"catavgmax"`` (avg and max side by side: ``(N, 2C)``) and ``"gem"``
+    (generalized mean: ``mean(clamp(x, gem_eps) ** p) ** (1 / p)``, differentiable in ``p``).
+    Sums are accumulated in fp32 (fp64 for fp64 input).
+
+    Args:
+        x: ``(N, C, H, W)`` or ``(N, C, L)`` floating-point tensor, any memory layout.
+        pool: the pooling.
+        sizes: for a padded batch, each item's valid ``(h, w)`` (see ``global_max_pool``).
+        p: GeM's exponent, a float or a one-element tensor (a parameter to learn it); GeM only.
+        gem_eps: GeM's clamp of the input from below.
+
+    Returns:
+        ``(N, C)`` (``(N, 2C)`` for catavgmax) tensor of ``x.dtype``.
+    """
+    if pool == "max":
+        _check_pool(pool, "global_pool")
+        _gem_exponent(x, p, pool, "global_pool")
+        return global_max_pool(x, sizes)
+    return _pooled(x, pool, sizes, p, gem_eps, "global_pool").to(x.dtype)
+
+
+def pool_l2norm(
+    x: Tensor,
+    pool: str = "max",
+    sizes: Tensor | None = None,
+    p: float | Tensor | None = None,
+    eps: float = 1e-12,
+    gem_eps: float = 1e-6,
+) -> Tensor:
+    """``global_pool`` followed by L2 normalisation of each row (over 2C values for catavgmax),
+    the norm accumulated in fp32 (fp64 for fp64 input); pool="max" is ``gmp_l2norm``."""
+    if pool == "max":
+        _check_pool(pool, "pool_l2norm")
+        _gem_exponent(x, p, pool, "pool_l2norm")
+        return gmp_l2norm(x, sizes, eps=eps)
+    pooled = _pooled(x, pool, sizes, p, gem_eps, "pool_l2norm")
+    _check_eps(eps, "pool_l2norm")
+    out, _ = ops.l2_normalize(pooled, float(eps), x.dtype)
+    return out
+
+
+def l2_normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
+    """``F.normalize(v, dim=1, eps=eps)`` for an ``(N, D)`` tensor, with the norm accumulated in
+    fp32 (fp64 for fp64 input) by the package's row kernel; for heads with a projection."""
+    if not isinstance(v, Tensor) or v.dim() != 2:
+        shape = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+        raise ValueError(f"l2_normalize: expected an (N, D) tensor, got {shape}")
+    if v.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"l2_normalize: expected a floating-point tensor, got {v.dtype}")
+    _check_eps(eps, "l2_normalize")
+    out, _ = ops.l2_normalize(v, float(eps), v.dtype)
+    return out

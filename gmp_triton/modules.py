@@ -1,5 +1,6 @@
 """``nn.Module`` wrappers of the functional API."""
 
+import torch
 from torch import Tensor, nn
 
 from . import functional
@@ -115,3 +116,48 @@ class MaskedGMPL2Norm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"eps={self.eps}"
+
+
+class GlobalPool(nn.Module):
+    r"""Global pooling of each channel: ``"max"``, ``"avg"``, ``"avgmax"``, ``"catavgmax"`` or
+    ``"gem"`` (see ``gmp_triton.global_pool``).
+
+    Args:
+        pool: the pooling.
+        p: initial GeM exponent (GeM only).
+        learn_p: learn GeM's exponent as a parameter (GeM only).
+        gem_eps: GeM's clamp of the input from below.
+
+    ``forward(x, sizes=None)`` takes padded batches as ``GlobalMaxPool`` does.
+
+    Shape:
+        - Input: :math:`(N, C, H, W)` or :math:`(N, C, L)`, any memory layout.
+        - Output: :math:`(N, C)`, or :math:`(N, 2C)` for catavgmax.
+
+    Example::
+
+        >>> gem = GlobalPool("gem", p=3.0)
+        >>> gem(torch.rand(8, 512, 7, 7)).shape
+        torch.Size([8, 512])
+    """
+
+    def __init__(
+        self, pool: str = "avg", p: float = 3.0, learn_p: bool = True, gem_eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        functional._check_pool(pool, "GlobalPool")
+        self.pool, self.gem_eps = pool, gem_eps
+        if pool == "gem":
+            exponent = torch.tensor([float(p)])
+            if learn_p:
+                self.p = nn.Parameter(exponent)
+            else:
+                self.register_buffer("p", exponent)
+        else:
+            self.p = None
+
+    def forward(self, x: Tensor, sizes: Tensor | None = None) -> Tensor:
+        return functional.global_pool(x, self.pool, sizes, self.p, self.gem_eps)
+
+    def extra_repr(self) -> str:
+        return f"pool={self.pool!r}" + (f", gem_eps={self.gem_eps}" if self.pool == "gem" else "")

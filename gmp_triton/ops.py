@@ -178,3 +178,159 @@ def _gmp_l2norm_backward(ctx, grad_out, *_unused):
 
 
 gmp_l2norm_forward.register_autograd(_gmp_l2norm_backward, setup_context=_gmp_l2norm_setup_context)
+
+
+# --- the pooling family: avg, avgmax, catavgmax, gem --------------------------------------------
+
+
+def _or_empty(tensor: Tensor | None, like: Tensor) -> Tensor:
+    """Ops return a fixed number of tensors: an unused one is empty."""
+    return like.new_empty((0,)) if tensor is None else tensor
+
+
+def check_gem_p(gem_p: Tensor | None) -> None:
+    """GeM's exponent must be positive and finite; like sizes, its value is checked when the op
+    runs (on CUDA this reads one flag back to the host)."""
+    if gem_p is not None and not bool(((gem_p > 0) & gem_p.isfinite()).all()):
+        raise ValueError(f"gem: the exponent p must be positive and finite, got {gem_p.tolist()}")
+
+
+@torch.library.custom_op("gmp_triton::pool_forward", mutates_args=())
+def pool_forward(
+    x: Tensor,
+    pool: str,
+    gem_p: Tensor | None,
+    gem_eps: float,
+    sizes: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns ``pooled`` (N, C; 2C for catavgmax) in the accumulation dtype, the int32 ``index``
+    of the max (empty for avg and gem) and ``d pooled / d p`` (N, C) for GeM (empty otherwise)."""
+    check_sizes_values(x, sizes)
+    check_gem_p(gem_p)
+    pooled, index, gem_dp = _impl(x).pool_forward(x, pool, sizes, mask, gem_p, gem_eps)
+    return pooled, _or_empty(index, x).to(torch.int32), _or_empty(gem_dp, pooled)
+
+
+@pool_forward.register_fake
+def _(x, pool, gem_p, gem_eps, sizes=None, mask=None):
+    n, c = x.shape[0], x.shape[1]
+    acc_dtype = cpu_path.accumulation_dtype(x.dtype)
+    width = 2 * c if pool == "catavgmax" else c
+    has_max = pool in ("avgmax", "catavgmax")
+    return (
+        x.new_empty((n, width), dtype=acc_dtype),
+        x.new_empty((n, c) if has_max else (0,), dtype=torch.int32),
+        x.new_empty((n, c) if pool == "gem" else (0,), dtype=acc_dtype),
+    )
+
+
+@torch.library.custom_op("gmp_triton::pool_backward", mutates_args=())
+def pool_backward(
+    grad_pooled: Tensor,
+    index: Tensor,
+    pooled: Tensor,
+    x: Tensor | None,
+    size: Sequence[int],
+    channels_last: bool,
+    dtype: torch.dtype,
+    pool: str,
+    gem_p: Tensor | None,
+    gem_eps: float,
+    sizes: Tensor | None = None,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """The input gradient of ``pool_forward``; ``x`` is needed for GeM only."""
+    return _impl(grad_pooled).pool_backward(
+        grad_pooled,
+        index if index.numel() else None,
+        pooled,
+        x,
+        size,
+        channels_last,
+        dtype,
+        pool,
+        sizes,
+        mask,
+        gem_p,
+        gem_eps,
+    )
+
+
+@pool_backward.register_fake
+def _(grad_pooled, index, pooled, x, size, channels_last, dtype, *rest, **kwargs):
+    return cpu_path.empty_grad(size, channels_last, dtype, grad_pooled.device)
+
+
+def _pool_setup_context(ctx, inputs, output) -> None:
+    x, pool, gem_p, gem_eps, sizes, mask = inputs
+    pooled, index, gem_dp = output
+    ctx.mark_non_differentiable(index, gem_dp)
+    # GeM's gradient depends on the input values, so only GeM keeps the input for backward.
+    ctx.save_for_backward(index, pooled, gem_dp, x if pool == "gem" else None, gem_p, sizes, mask)
+    ctx.pool, ctx.gem_eps = pool, gem_eps
+    ctx.size = list(x.shape)
+    ctx.channels_last = grad_layout_is_channels_last(x)
+    ctx.dtype = x.dtype
+
+
+def _pool_backward(ctx, grad_pooled, _grad_index, _grad_gem_dp):
+    if torch.is_grad_enabled():
+        raise RuntimeError("the pooling family does not support double backward (create_graph)")
+    index, pooled, gem_dp, x, gem_p, sizes, mask = ctx.saved_tensors
+    grad_x = pool_backward(
+        grad_pooled,
+        index,
+        pooled,
+        x,
+        ctx.size,
+        ctx.channels_last,
+        ctx.dtype,
+        ctx.pool,
+        gem_p,
+        ctx.gem_eps,
+        sizes,
+        mask,
+    )
+    grad_p = None
+    if ctx.pool == "gem" and ctx.needs_input_grad[2]:
+        grad_p = (grad_pooled.to(gem_dp.dtype) * gem_dp).sum().reshape(gem_p.shape)
+        grad_p = grad_p.to(gem_p.dtype)
+    return grad_x, None, grad_p, None, None, None
+
+
+pool_forward.register_autograd(_pool_backward, setup_context=_pool_setup_context)
+
+
+@torch.library.custom_op("gmp_triton::l2_normalize", mutates_args=())
+def l2_normalize(pooled: Tensor, eps: float, out_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Rows of ``pooled`` divided by ``max(norm, eps)``, as ``out_dtype``, and the norm
+    (accumulated in fp32, fp64 for an fp64 ``out_dtype``)."""
+    return _impl(pooled).l2norm_forward(pooled, eps, out_dtype)
+
+
+@l2_normalize.register_fake
+def _(pooled, eps, out_dtype):
+    acc_dtype = cpu_path.accumulation_dtype(out_dtype)
+    return pooled.new_empty(pooled.shape, dtype=out_dtype), pooled.new_empty(
+        (pooled.shape[0],), dtype=acc_dtype
+    )
+
+
+def _l2_normalize_setup_context(ctx, inputs, output) -> None:
+    pooled, eps, _ = inputs
+    _, norm = output
+    ctx.mark_non_differentiable(norm)
+    ctx.save_for_backward(pooled, norm)
+    ctx.eps = eps
+
+
+def _l2_normalize_backward(ctx, grad_out, _grad_norm):
+    if torch.is_grad_enabled():
+        raise RuntimeError("l2_normalize does not support double backward (create_graph)")
+    pooled, norm = ctx.saved_tensors
+    grad = l2norm_backward(grad_out, pooled, norm, ctx.eps)
+    return grad.to(pooled.dtype), None, None
+
+
+l2_normalize.register_autograd(_l2_normalize_backward, setup_context=_l2_normalize_setup_context)
