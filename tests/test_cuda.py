@@ -178,3 +178,87 @@ def test_compiled_model_matches_eager_on_cuda():
 
     assert_same(out, ref_out, "compiled output")
     assert_same(grad_x, ref_grad_x, "compiled input gradient")
+
+
+FAMILY = ["avg", "avgmax", "catavgmax", "gem"]
+
+
+def _family(pool, p=None, sizes=None):
+    def fn(t):
+        exponent = None if p is None else p.to(t.device)
+        size_arg = None if sizes is None else sizes.to(t.device)
+        return gmp_triton.pool_l2norm(t, pool, size_arg, p=exponent)
+
+    return fn
+
+
+@pytest.mark.parametrize("pool", FAMILY)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pool_family_matches_the_cpu_path(pool, layout, dtype, split):
+    x = make_input((4, 64, 13, 9), dtype, layout, "random")
+    if pool == "gem":
+        x = x.abs()
+    width = 128 if pool == "catavgmax" else 64
+    grad_out = torch.randn(4, width, generator=torch.Generator().manual_seed(6)).to(dtype)
+    p = torch.tensor([3.0], dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+
+    fn = _family(pool, p if pool == "gem" else None)
+    out, grad_x = run(fn, x.cuda(), grad_out)
+    ref_out, ref_grad_x = on_cpu_path(fn, x, grad_out)
+
+    # GeM goes through the GPU's exp and log, a few ulps from the CPU's.
+    tolerance = dict(atol=1e-5, rtol=1e-4) if pool == "gem" and dtype == torch.float32 else {}
+    assert_near(out, ref_out, f"{pool} output", **tolerance)
+    assert_near(grad_x.cpu(), ref_grad_x, f"{pool} input gradient", **tolerance)
+
+
+@pytest.mark.parametrize("pool", ["max", *FAMILY])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_padded_batches_match_the_cpu_path(pool, layout, split):
+    x = make_input((5, 48, 20, 17), torch.float32, layout, "random").abs()
+    x[:, :, 12:, :] = float("nan")  # padding below every item but the first: never read
+    sizes = torch.tensor([[20, 17], [12, 5], [0, 3], [7, 17], [12, 1]])
+    grad_out = torch.randn(5, 96 if pool == "catavgmax" else 48)
+    fn = _family(pool, torch.tensor([2.5]) if pool == "gem" else None, sizes)
+
+    out, grad_x = run(fn, x.cuda(), grad_out)
+    ref_out, ref_grad_x = on_cpu_path(fn, x, grad_out)
+
+    tolerance = dict(atol=1e-5, rtol=1e-4) if pool == "gem" else {}
+    assert_near(out, ref_out, f"padded {pool} output", **tolerance)
+    assert_near(grad_x.cpu(), ref_grad_x, f"padded {pool} input gradient", **tolerance)
+
+
+def test_masked_sequences_match_the_cpu_path(split):
+    generator = torch.Generator().manual_seed(8)
+    hidden = torch.randn(6, 77, 384, generator=generator)
+    mask = torch.rand(6, 77, generator=generator) < 0.7
+    mask[2] = False  # a sequence with no valid token
+    hidden = hidden.masked_fill(~mask.unsqueeze(2), float("nan"))
+    grad_out = torch.randn(6, 384, generator=generator)
+
+    def fn(t):
+        return gmp_triton.masked_gmp_l2norm(t, mask.to(t.device))
+
+    out, grad_x = run(fn, hidden.cuda(), grad_out)
+    ref_out, ref_grad_x = on_cpu_path(fn, hidden, grad_out)
+
+    assert_near(out, ref_out, "masked output")
+    assert_near(grad_x.cpu(), ref_grad_x, "masked input gradient")
+
+
+def test_int64_offsets_on_a_map_past_two_to_the_31_elements():
+    # 2**31 + 2**21 fp16 elements (4 GiB): offsets past int32 must be computed in int64.
+    n, c, h, w = 1, 2, 2**15 + 64, 2**15
+    assert n * c * h * w > 2**31
+    x = torch.randn(n, c, h, w, device="cuda", dtype=torch.float16)
+    x[0, 1, -1, -1] = 100.0  # the max of the last channel sits at the very last element
+    leaf = x.requires_grad_(True)
+    pooled = gmp_triton.global_max_pool(leaf)
+    pooled.backward(torch.ones_like(pooled))
+
+    assert_same(pooled.detach(), x.detach().amax(dim=(2, 3)), "pooled values")
+    grad = leaf.grad.view(c, -1)
+    assert grad[1, -1].item() == 1.0
+    assert torch.count_nonzero(grad, dim=1).tolist() == [1, 1]
