@@ -10,6 +10,9 @@ Timed functions, with ``x`` requiring grad and ``g`` a fixed output gradient:
 * forward: ``f(x)``, recording the autograd graph as in training;
 * backward: ``torch.autograd.grad(out, x, g, retain_graph=True)`` on one recorded forward;
 * forward+backward: ``torch.autograd.grad(f(x), x, g)``.
+
+Padded batches of maps of different sizes are timed against loops over the maps by ``padded``;
+their rows are the run's ``"padded"`` list.
 """
 
 import contextlib
@@ -26,7 +29,7 @@ import torch._dynamo.config
 import torch._functorch.config
 
 from .. import _backend
-from . import measure
+from . import measure, padded
 from .cases import MODES, Case, dtype_name, ideal_bytes
 from .providers import PROVIDERS
 
@@ -47,6 +50,7 @@ class BenchConfig:
     timer: measure.TimerSettings = dataclasses.field(default_factory=measure.TimerSettings)
     time_budget_s: float | None = None
     copy_bytes: int | None = None
+    padded_cases: Sequence[padded.PaddedCase] = ()
 
 
 def cpu_model() -> str:
@@ -215,6 +219,20 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[str], None] | Non
                 # Static graphs are never reused by another case; drop them to free memory.
                 torch._dynamo.reset()
 
+        padded_rows = []
+        for case in config.padded_cases:
+            if (
+                config.time_budget_s is not None
+                and time.monotonic() - started > config.time_budget_s
+            ):
+                skipped.append({"case": case.label(), "reason": "time budget spent"})
+            else:
+                padded_rows += padded.measure_padded_case(
+                    case, config.device, config.timer, config.modes
+                )
+            if on_progress:
+                on_progress(case.label())
+
     return {
         "environment": environment,
         "settings": {
@@ -222,6 +240,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[str], None] | Non
             "timer": dataclasses.asdict(config.timer),
             "time_budget_s": config.time_budget_s,
             "providers": {name: PROVIDERS[name].description for name in config.providers},
+            "padded_implementations": dict(padded.IMPLEMENTATIONS),
             "modes": list(config.modes),
             "cpu_flush_bytes": measure.cpu_flush_bytes() if config.device == "cpu" else None,
         },
@@ -233,6 +252,7 @@ def run_benchmarks(config: BenchConfig, on_progress: Callable[[str], None] | Non
             "p80_ms": copy_timing.p80_ms,
         },
         "results": results,
+        "padded": padded_rows,
         "skipped": skipped,
         "elapsed_s": time.monotonic() - started,
     }

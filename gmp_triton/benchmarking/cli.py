@@ -60,6 +60,12 @@ def add_parsers(subcommands) -> None:
     bench.add_argument(
         "--no-gpu-code", action="store_true", help="leave the GPU-code table out of the report"
     )
+    bench.add_argument(
+        "--no-padded",
+        action="store_true",
+        help="leave out the padded batch of maps of different sizes against loops over the maps "
+        "(--shapes padded keeps only it)",
+    )
     bench.add_argument("-v", "--verbose", action="store_true")
     bench.set_defaults(run=run_bench)
 
@@ -97,6 +103,28 @@ def _configure_logging(verbose: bool) -> None:
         level=logging.INFO if verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+
+
+def _select_padded_cases(args, device: str) -> list:
+    from . import padded
+
+    if args.no_padded:
+        return []
+    if args.quick:
+        chosen = padded.QUICK_PADDED_CASES
+    elif device == "cuda":
+        chosen = padded.CUDA_PADDED_CASES
+    else:
+        chosen = padded.CPU_PADDED_CASES
+    if args.shapes:
+        chosen = [
+            c for c in chosen if any(text in c.name or text in c.label() for text in args.shapes)
+        ]
+    if args.dtypes:
+        dtypes = [cases_module.DTYPES_BY_NAME[name] for name in args.dtypes]
+        chosen = [dataclasses.replace(c, dtype=d) for c in chosen for d in dtypes]
+        chosen = list(dict.fromkeys(chosen))
+    return list(chosen)
 
 
 def _select_cases(args, device: str) -> list[cases_module.Case]:
@@ -166,13 +194,15 @@ def run_bench(args) -> int:
         compile_mode=args.compile,
         timer=timer,
         time_budget_s=args.time_budget,
+        padded_cases=_select_padded_cases(args, device),
     )
-    if not config.cases:
+    if not config.cases and not config.padded_cases:
         print("gmp-triton bench: no case matches the filters", file=sys.stderr)
         return 2
 
     print(f"benchmarking {len(config.cases)} cases x {len(providers)} implementations on {device}")
-    with tqdm(total=len(config.cases) * len(providers), desc="benchmarks", unit="run") as bar:
+    runs = len(config.cases) * len(providers) + len(config.padded_cases)
+    with tqdm(total=runs, desc="benchmarks", unit="run") as bar:
         run = bench.run_benchmarks(config, lambda _step: bar.update())
 
     run["gpu_code"] = None
@@ -189,7 +219,11 @@ def run_bench(args) -> int:
     print(f"\n{bench.device_label(run['environment'])}")
     print(f"copy bandwidth: {run['copy']['gbps']:.1f} GB/s")
     if "forward+backward" in config.modes:
-        print("\nforward+backward, gmp_triton:\n" + report.mode_table(run, "forward+backward"))
+        if config.cases:
+            table = report.mode_table(run, "forward+backward")
+            print("\nforward+backward, gmp_triton:\n" + table)
+        if config.padded_cases:
+            print("\npadded batch vs loops over the maps:\n" + report.padded_table(run))
     if run["skipped"]:
         print(f"not measured (time budget): {len(run['skipped'])} cases")
     print("wrote " + ", ".join(str(path) for path in written))

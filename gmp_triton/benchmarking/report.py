@@ -99,6 +99,64 @@ def memory_table(run: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def padded_speedup(run: dict, case: str, implementation: str, mode: str) -> float | None:
+    """How many times faster the padded batch is than ``implementation`` (median over median)."""
+    measured = [r for r in run.get("padded", []) if r.get("mode")]
+    rows = {(r["case"], r["implementation"], r["mode"]): r for r in measured}
+    ours, theirs = rows.get((case, "padded", mode)), rows.get((case, implementation, mode))
+    if ours is None or theirs is None:
+        return None
+    return theirs["median_ms"] / ours["median_ms"]
+
+
+def padded_table(run: dict) -> str:
+    """Time of each implementation per mode, and the padded batch's speed-up over it."""
+    measured = [r for r in run.get("padded", []) if r.get("mode")]
+    modes = [m for m in MODES if any(r["mode"] == m for r in measured)]
+    rows = {(r["case"], r["implementation"], r["mode"]): r for r in measured}
+    header = ["case", "implementation"] + [f"{m} ms" for m in modes]
+    header.append("padded is x faster: " + " / ".join(modes))
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for case in dict.fromkeys(r["case"] for r in measured):
+        for name in dict.fromkeys(r["implementation"] for r in measured if r["case"] == case):
+            cells = [case, name]
+            for mode in modes:
+                row = rows.get((case, name, mode))
+                cells.append("-" if row is None else _milliseconds(row))
+            speedups = [padded_speedup(run, case, name, mode) for mode in modes]
+            cells.append(
+                "-"
+                if name == "padded"
+                else " / ".join("-" if v is None else f"{v:.2f}" for v in speedups)
+            )
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def padded_section(run: dict) -> str:
+    measured = [r for r in run.get("padded", []) if r.get("mode")]
+    cases = {r["case"]: r for r in measured}
+    described = "\n".join(
+        f"- {label}: {row['valid_positions']} valid positions, "
+        f"{row['padded_positions']} in the padded batch "
+        f"({1 - row['valid_positions'] / row['padded_positions']:.0%} padding)"
+        for label, row in cases.items()
+    )
+    implementations = "\n".join(
+        f"- `{name}`: {description}"
+        for name, description in run["settings"].get("padded_implementations", {}).items()
+    )
+    return (
+        "## Padded batch vs a loop over items\n\n"
+        "Maps of different sizes (each side drawn at random, with a fixed seed), pooled into "
+        "L2-normalised embeddings:\n\n"
+        f"{described}\n\nImplementations, all giving the same embeddings:\n\n"
+        f"{implementations}\n\nTimes in ms, median (p20-p80), timed as above; the last "
+        "column is each implementation's median over the padded batch's (above 1: the padded "
+        "batch is faster).\n\n" + padded_table(run)
+    )
+
+
 def all_rows_table(run: dict) -> str:
     header = ["case", "provider", "mode", "ms: median (p20-p80)", "GB/s", "of copy", "max |diff|"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -182,13 +240,19 @@ def render_markdown(run: dict) -> str:
     for mode in MODES:
         if any(r.get("mode") == mode for r in run["results"]):
             parts.append(f"## {mode.capitalize()}\n\n" + mode_table(run, mode))
-    parts.append("## Memory (forward+backward)\n\n" + memory_table(run))
+    if any(r.get("mode") for r in run["results"]):
+        parts.append("## Memory (forward+backward)\n\n" + memory_table(run))
+    if any(r.get("mode") for r in run.get("padded", [])):
+        parts.append(padded_section(run))
     if run["skipped"]:
         skipped = "\n".join(f"- {s['case']}: {s['reason']}" for s in run["skipped"])
         parts.append(f"## Not measured\n\n{skipped}\n")
-    errors = [r for r in run["results"] if not r.get("mode")]
+    errors = [r for r in run["results"] + run.get("padded", []) if not r.get("mode")]
     if errors:
-        listed = "\n".join(f"- {r['case']} {r['provider']}: {r['error']}" for r in errors)
+        listed = "\n".join(
+            f"- {r['case']} {r.get('provider') or r.get('implementation')}: {r['error']}"
+            for r in errors
+        )
         parts.append(f"## Errors\n\n{listed}\n")
     parts.append(
         "## Every measurement\n\n<details><summary>all implementations and modes</summary>\n\n"
@@ -197,9 +261,10 @@ def render_markdown(run: dict) -> str:
     )
     if run.get("gpu_code") is not None:
         parts.append(gpu_code_section(run["gpu_code"]))
-    parts.append(
-        "## Plots\n\n![fraction of copy bandwidth](bandwidth.png)\n\n![speed-up](speedup.png)\n"
-    )
+    if _plot_cases(run):
+        parts.append(
+            "## Plots\n\n![fraction of copy bandwidth](bandwidth.png)\n\n![speed-up](speedup.png)\n"
+        )
     return "\n".join(parts)
 
 
