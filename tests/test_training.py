@@ -198,7 +198,8 @@ def test_image_folder_training_splits_by_sorted_class_name(tmp_path):
     assert len(metrics["epochs"]) == 2
     model, _, _ = load_model(out, "cpu")
     assert model.embedding_size == 32
-    assert load_checkpoint(out)["model"]["head.0.weight"].shape == (32, 64, 1, 1)
+    # The projection maps the pooled vector (64 channels) to 32 dimensions, before the norm.
+    assert load_checkpoint(out)["model"]["head.projection.weight"].shape == (32, 64)
 
 
 def test_image_folder_split_can_be_chosen(tmp_path):

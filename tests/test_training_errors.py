@@ -98,6 +98,8 @@ def test_embed_dim_zero(capsys, tmp_path):
         (("--batch-size", "20", "--m-per-class", "8"), "not a multiple of --m-per-class"),
         (("--batch-size", "64", "--m-per-class", "8"), "there are 5 training classes"),
         (("--canvas-size", "30", "20"), "--canvas-size 30 20"),
+        (("--pool", "gem", "--gem-p", "0"), "--gem-p must be a positive finite number"),
+        (("--mixed-sizes", "--data", "digits-plain"), "--mixed-sizes needs --data digits"),
         (("--lr", "-1"), "--lr must be positive"),
         (("--train-classes", "0,1,x"), "no class 'x'"),
         (("--train-classes", "0,1,5", "--eval-classes", "5,6"), "both trained on and held out"),
@@ -124,3 +126,43 @@ def test_damaged_checkpoint(capsys, tmp_path):
 def test_resume_without_a_run(capsys, tmp_path):
     line = run_failing(capsys, "train", "--resume", tmp_path)
     assert "no checkpoint at" in line
+
+
+def test_checkpoint_whose_weights_do_not_fit_its_settings(capsys, tmp_path):
+    """A checkpoint of the earlier head design (a 1x1 convolution before the pooling)."""
+    import torch
+
+    from gmp_triton.training.checkpoint import CHECKPOINT_FORMAT
+    from gmp_triton.training.config import TrainConfig
+    from gmp_triton.training.model import build_model
+
+    weights = build_model(1, "max", None).state_dict()
+    weights |= {"head.0.weight": torch.zeros(32, 64, 1, 1), "head.0.bias": torch.zeros(32)}
+    config = TrainConfig(data="digits-plain", embed_dim=32, epochs=1).to_dict()
+    state = {"format": CHECKPOINT_FORMAT, "config": config, "epoch": 1, "model": weights}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    line = run_failing(capsys, "evaluate", tmp_path)
+    assert "do not fit the model its settings describe" in line and "embed-dim 32" in line
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (("--seeds", "0"), "--seeds must be a positive integer"),
+        (("--epochs", "-1"), "--epochs must be a positive integer"),
+        (("--small-canvas", "20", "10"), "--small-canvas 20 10: need 8 <= MIN <= MAX"),
+        (("--canvas", "4", "10"), "--canvas 4 10: need 8 <= MIN <= MAX"),
+        (("--shift-canvas", "10"), "leaves no room to move an 8-pixel digit"),
+        (("--test-noise", "-0.1"), "--test-noise must be 0 or more"),
+    ],
+)
+def test_bad_experiment_options(capsys, tmp_path, option, message):
+    line = run_failing(capsys, "experiment", *option, "--out", tmp_path / "e")
+    assert message in line
+    assert not (tmp_path / "e").exists()
+
+
+def test_experiment_refuses_a_folder_with_results(capsys, tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    line = run_failing(capsys, "experiment", "--out", tmp_path)
+    assert "already holds an experiment's results" in line

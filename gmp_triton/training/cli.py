@@ -18,10 +18,10 @@ INPUT_ERROR_STATUS = 2
 INTERRUPTED_STATUS = 130
 
 TRAIN_DESCRIPTION = """\
-Train an embedding model whose head is the fused global-max-pool + L2-norm layer, then show how
-well it retrieves images of classes it never saw in training: every held-out image queries all
-the others, and the table compares the trained model with raw pixels and with the same network
-untrained.
+Train an embedding model whose head is the fused global pooling + L2-norm layer (max pooling
+by default; --pool chooses another), then show how well it retrieves images of classes it never
+saw in training: every held-out image queries all the others, and the table compares the
+trained model with raw pixels and with the same network untrained.
 
 By default the data are the 1,797 handwritten digit scans bundled with scikit-learn (no
 download): digits 0-4 train, 5-9 are held out, and each 8x8 digit lies at a random place on a
@@ -35,18 +35,21 @@ TRAIN_EXAMPLES = """\
 examples:
   gmp-triton train                              digits on random canvases, about a minute on a CPU
   gmp-triton train --pool avg                   the same with average pooling, to compare
+  gmp-triton train --pool gem --mixed-sizes     GeM pooling, canvases of many sizes per batch
   gmp-triton train --data ~/CUB_200_2011/images --epochs 30 --embed-dim 128
   gmp-triton train --resume runs/20250101-120000 --epochs 12
+  torchrun --nproc_per_node 4 -m gmp_triton train
   gmp-triton evaluate runs/20250101-120000
   gmp-triton embed runs/20250101-120000 a.png b.png --out embeddings.npy"""
 
 
 def add_parsers(subcommands) -> None:
-    """Register ``train``, ``evaluate`` and ``embed``; each sets ``run`` to a function of
-    ``args`` that returns the exit status."""
+    """Register ``train``, ``evaluate``, ``embed`` and ``experiment``; each sets ``run`` to a
+    function of ``args`` that returns the exit status."""
     _add_train_parser(subcommands)
     _add_evaluate_parser(subcommands)
     _add_embed_parser(subcommands)
+    _add_experiment_parser(subcommands)
 
 
 def _add_train_parser(subcommands) -> None:
@@ -90,21 +93,37 @@ def _add_train_parser(subcommands) -> None:
         metavar=("MIN", "MAX"),
         help="range of canvas sides for --data digits (default: 24 48)",
     )
+    data.add_argument(
+        "--mixed-sizes",
+        action="store_true",
+        help="with --data digits, give each canvas of a batch its own size: the batch is "
+        "zero-padded to its largest canvas and each map is pooled over its own canvas only "
+        "(default: one size per batch)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
         "--pool",
         choices=POOLS,
         default=default_of("pool"),
-        help="global pooling before the norm: the fused max-pool kernels, or average pooling "
-        "with stock PyTorch ops (default: %(default)s)",
+        help="global pooling of the head, fused with the L2 norm: max, avg (mean), avgmax "
+        "((mean + max) / 2), catavgmax (mean and max side by side: twice the channels) or gem "
+        "(generalized mean) (default: %(default)s)",
+    )
+    model.add_argument(
+        "--gem-p",
+        type=float,
+        default=default_of("gem_p"),
+        metavar="P",
+        help="initial exponent of --pool gem, learned in training (default: %(default)s)",
     )
     model.add_argument(
         "--embed-dim",
         type=int,
         metavar="D",
-        help="add a linear projection to D dimensions before the pooling and norm (default: "
-        "none; the embedding is the backbone's 64 channels)",
+        help="project the pooled vector to D dimensions with a linear layer before the L2 norm "
+        "(default: none; the embedding is the pooled vector, the backbone's 64 channels, 128 "
+        "for catavgmax)",
     )
 
     training = parser.add_argument_group("training")
@@ -171,7 +190,7 @@ def _add_train_parser(subcommands) -> None:
         help="continue the run in DIR from its last checkpoint, with its settings; only --epochs "
         "(to train longer) and --device may change",
     )
-    parser.set_defaults(run=_guarded(run_train))
+    parser.set_defaults(run=_guarded(_as_torchrun_worker(run_train)))
 
 
 def _add_evaluate_parser(subcommands) -> None:
@@ -211,6 +230,110 @@ def _add_embed_parser(subcommands) -> None:
     parser.set_defaults(run=_guarded(run_embed))
 
 
+EXPERIMENT_DESCRIPTION = """\
+Compare the global poolings of the embedding head (max, avg, avgmax, catavgmax, gem) on the
+digit-canvas task of `gmp-triton train`, with its data, model and training loop:
+
+  1. retrieval on the held-out classes (MAP@R, P@1), over several seeds;
+  2. translation: cosine similarity between the embeddings of one digit moved across a canvas;
+  3. canvas size: trained on small canvases, evaluated on small and on larger ones;
+  4. noise: the models of 1 on the held-out canvases with stronger noise.
+
+Writes report.md (tables and findings: where max pooling loses, where it comes first),
+results.json and PNG plots to --out. With the defaults it takes a few minutes on a CPU."""
+
+
+def _add_experiment_parser(subcommands) -> None:
+    from .config import ExperimentConfig
+
+    defaults = ExperimentConfig()
+    parser = subcommands.add_parser(
+        "experiment",
+        help="compare the poolings on the digit task and write a report with plots",
+        description=EXPERIMENT_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--pools",
+        nargs="+",
+        choices=POOLS,
+        default=list(defaults.pools),
+        help="poolings to compare (default: all)",
+    )
+    parser.add_argument(
+        "--seeds", type=int, default=defaults.seeds, help="seeds per pooling (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--epochs",
+        type=int,
+        default=defaults.epochs,
+        help="training epochs of every model (default: %(default)s)",
+    )
+    for name, what in (
+        ("canvas", "canvas sides of studies 1, 2 and 4"),
+        ("small_canvas", "canvas sides that study 3 trains on"),
+        ("large_canvas", "larger canvas sides that study 3 also evaluates on"),
+    ):
+        low, high = getattr(defaults, name)
+        parser.add_argument(
+            f"--{name.replace('_', '-')}",
+            type=int,
+            nargs=2,
+            default=(low, high),
+            metavar=("MIN", "MAX"),
+            help=f"{what} (default: {low} {high})",
+        )
+    parser.add_argument(
+        "--test-noise",
+        type=float,
+        default=defaults.test_noise,
+        metavar="STD",
+        help=f"noise of study 4's held-out canvases; the models train with {defaults.train.noise} "
+        "(default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shift-canvas",
+        type=int,
+        default=defaults.shift_canvas,
+        metavar="PIXELS",
+        help="canvas side of the translation study (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shift-step",
+        type=int,
+        default=defaults.shift_step,
+        metavar="PIXELS",
+        help="pixels between two places of the moved digit (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--shift-digits-per-class",
+        type=int,
+        default=defaults.shift_digits_per_class,
+        metavar="N",
+        help="held-out digits of each class moved across the canvas (default: %(default)s)",
+    )
+    parser.add_argument("--device", default="auto", help="default: cuda when available, else cpu")
+    parser.add_argument(
+        "--out", metavar="DIR", help="output folder (default: runs/experiment-<date>-<time>/)"
+    )
+    parser.set_defaults(run=_guarded(run_experiment))
+
+
+def _as_torchrun_worker(command):
+    """Run ``command(args)``; under torchrun, as one process of the group, with only rank 0
+    printing (``distributed.run_as_worker``)."""
+
+    def run(args: argparse.Namespace) -> int:
+        from .distributed import run_as_worker
+
+        def report(error: InputError) -> int:
+            return _report_input_error(args, error)
+
+        return run_as_worker(command, args, report, INPUT_ERROR_STATUS)
+
+    return run
+
+
 def _guarded(command):
     """Run ``command(args)``; bad input becomes one line on stderr and exit status 2."""
 
@@ -219,11 +342,15 @@ def _guarded(command):
             _check_dependencies()
             return command(args)
         except InputError as error:
-            message = " ".join(str(error).split())  # one line, whatever the cause wrote
-            print(f"gmp-triton {args.command}: error: {message}", file=sys.stderr)
-            return INPUT_ERROR_STATUS
+            return _report_input_error(args, error)
 
     return run
+
+
+def _report_input_error(args: argparse.Namespace, error: InputError) -> int:
+    message = " ".join(str(error).split())  # one line, whatever the cause wrote
+    print(f"gmp-triton {args.command}: error: {message}", file=sys.stderr)
+    return INPUT_ERROR_STATUS
 
 
 def _check_dependencies() -> None:
@@ -281,7 +408,9 @@ def config_from_args(args: argparse.Namespace):
         canvas_min=canvas_min,
         canvas_max=canvas_max,
         pool=args.pool,
+        gem_p=args.gem_p,
         embed_dim=args.embed_dim,
+        mixed_sizes=args.mixed_sizes,
         loss=args.loss,
         epochs=args.epochs,
         m_per_class=args.m_per_class,
@@ -426,7 +555,7 @@ def run_embed(args: argparse.Namespace) -> int:
         raise InputError(f"--out {args.out!r}: the embeddings are written as a .npy file")
     model, config, _ = load_model(args.checkpoint, device)
     images = read_images_for(config, args.images)
-    embeddings = embed_images(model, images, device).numpy()
+    embeddings = embed_images(model, images, device, mixed_sizes=config.mixed_sizes).numpy()
     if args.out is not None:
         np.save(args.out, embeddings.astype(np.float32))
         print(
@@ -436,4 +565,43 @@ def run_embed(args: argparse.Namespace) -> int:
         return 0
     for path, row in zip(args.images, embeddings, strict=True):
         print(path, " ".join(f"{value:.6f}" for value in row))
+    return 0
+
+
+def run_experiment(args: argparse.Namespace) -> int:
+    from .config import ExperimentConfig, check_experiment_config
+
+    config = ExperimentConfig(
+        pools=tuple(dict.fromkeys(args.pools)),
+        seeds=args.seeds,
+        epochs=args.epochs,
+        canvas=tuple(args.canvas),
+        small_canvas=tuple(args.small_canvas),
+        large_canvas=tuple(args.large_canvas),
+        test_noise=args.test_noise,
+        shift_canvas=args.shift_canvas,
+        shift_step=args.shift_step,
+        shift_digits_per_class=args.shift_digits_per_class,
+    )
+    check_experiment_config(config)
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise InputError("the experiment's plots need matplotlib: pip install matplotlib") from None
+    from .experiment import output_folder
+    from .experiment import run_experiment as run
+    from .experiment_report import summary, write_report
+
+    out = output_folder(args.out)
+    _show_progress()
+    models = 2 * len(config.pools) * config.seeds
+    print(f"training and evaluating {models} models; writing to {out}", file=sys.stderr)
+    try:
+        results = run(config, device=args.device, progress=_progress_bar)
+    except KeyboardInterrupt:
+        print("\ninterrupted: nothing was written", file=sys.stderr)
+        return INTERRUPTED_STATUS
+    written = write_report(results, out)
+    print(summary(results))
+    print("wrote " + ", ".join(str(path) for path in written), file=sys.stderr)
     return 0

@@ -1,14 +1,16 @@
-"""Settings of a training run, their checks, and the error raised for bad input.
+"""Settings of a training run and of the pooling experiment, their checks, and the error raised
+for bad input.
 
 This module imports nothing heavy, so that the command line can build its parsers (choices,
 defaults) before any of the training dependencies is loaded.
 """
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DIGIT_DATA = ("digits", "digits-plain")
-POOLS = ("max", "avg")
+# The poolings of gmp_triton.global_pool; all run through the package's fused kernels.
+POOLS = ("max", "avg", "avgmax", "catavgmax", "gem")
 LOSSES = ("multi-similarity", "triplet", "contrastive", "proxy-anchor", "arcface")
 BACKBONES = ("small-cnn", "custom")
 
@@ -33,8 +35,14 @@ class TrainConfig:
         eval_seed: seed of the held-out canvases, fixed so that runs compare on the same set.
         backbone: ``"small-cnn"``, or ``"custom"`` for a module passed from Python.
         widths: output channels of the small CNN's convolutions.
-        pool: ``"max"`` (the fused Triton head) or ``"avg"`` (stock PyTorch ops).
-        embed_dim: size of the optional linear projection before the norm; ``None`` for none.
+        pool: the global pooling of the head, one of ``POOLS`` (``gmp_triton.EmbeddingHead``).
+        gem_p: initial exponent of GeM pooling (``pool="gem"``), learned with the weights.
+        embed_dim: size of the optional ``Linear`` projection of the pooled vector, before the
+            norm; ``None`` for none (the embedding is then the pooled vector).
+        mixed_sizes: for ``data="digits"``, each training batch holds canvases of different
+            sizes, zero-padded to the largest and pooled with their sizes (``pad_maps``); the
+            held-out set is embedded in padded batches as well. Otherwise each training batch
+            has one canvas size.
         loss: one of ``LOSSES``, from pytorch-metric-learning.
         epochs: passes over the training images.
         m_per_class: images of each class in a batch (``MPerClassSampler``'s ``m``).
@@ -56,7 +64,9 @@ class TrainConfig:
     backbone: str = "small-cnn"
     widths: tuple[int, ...] = (32, 64)
     pool: str = "max"
+    gem_p: float = 3.0
     embed_dim: int | None = None
+    mixed_sizes: bool = False
     loss: str = "multi-similarity"
     epochs: int = 10
     m_per_class: int = 16
@@ -121,6 +131,13 @@ def check_config(config: TrainConfig) -> None:
         )
     if config.pool not in POOLS:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {config.pool!r}")
+    if not 0 < config.gem_p < float("inf"):
+        raise InputError(f"--gem-p must be a positive finite number, got {config.gem_p}")
+    if config.mixed_sizes and config.data != "digits":
+        raise InputError(
+            f"--mixed-sizes needs --data digits (canvases of random sizes); the images of "
+            f"{config.data!r} all have one size"
+        )
     if config.loss not in LOSSES:
         raise InputError(f"--loss must be one of {', '.join(LOSSES)}, got {config.loss!r}")
     if config.backbone not in BACKBONES:
@@ -129,3 +146,79 @@ def check_config(config: TrainConfig) -> None:
         raise InputError("widths must hold at least one channel count")
     for width in config.widths:
         positive_int("widths", width)
+
+
+@dataclass
+class ExperimentConfig:
+    """Settings of the pooling experiment (``gmp-triton experiment``).
+
+    Args:
+        pools: the poolings compared.
+        seeds: seeds 0 .. seeds-1 of each model (weights, sampler, training canvases).
+        epochs: training epochs of every model.
+        canvas: canvas sides of the retrieval, translation and noise studies (the ``train``
+            command's default range).
+        small_canvas: the sides the canvas-size study trains on.
+        large_canvas: the larger sides it also evaluates on.
+        test_noise: noise of the noise study's held-out canvases (training uses
+            ``TrainConfig.noise``).
+        shift_canvas: side of the translation study's canvas.
+        shift_step: pixels between two places of the digit.
+        shift_digits_per_class: held-out digits of each class moved across the canvas.
+        train: every other setting of the models (loss, widths, noise, batches...).
+    """
+
+    pools: tuple[str, ...] = POOLS
+    seeds: int = 3
+    epochs: int = 5
+    canvas: tuple[int, int] = (24, 48)
+    small_canvas: tuple[int, int] = (16, 24)
+    large_canvas: tuple[int, int] = (40, 64)
+    test_noise: float = 0.2
+    shift_canvas: int = 48
+    shift_step: int = 2
+    shift_digits_per_class: int = 10
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        values = dataclasses.asdict(self)
+        values["train"] = self.train.to_dict()
+        return values
+
+    def train_config(self, pool: str, seed: int, canvas: tuple[int, int]) -> TrainConfig:
+        return dataclasses.replace(
+            self.train,
+            pool=pool,
+            seed=seed,
+            epochs=self.epochs,
+            canvas_min=canvas[0],
+            canvas_max=canvas[1],
+        )
+
+
+def check_experiment_config(config: ExperimentConfig) -> None:
+    """Raise ``InputError`` naming the first setting that cannot work."""
+    unknown = [pool for pool in config.pools if pool not in POOLS]
+    if unknown or not config.pools:
+        raise InputError(
+            f"--pools must name some of {', '.join(POOLS)}, got {', '.join(config.pools) or 'none'}"
+        )
+    for name in ("seeds", "epochs", "shift_step", "shift_digits_per_class"):
+        value = getattr(config, name)
+        if not isinstance(value, int) or value <= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    for name in ("canvas", "small_canvas", "large_canvas"):
+        low, high = getattr(config, name)
+        if not 8 <= low <= high:
+            raise InputError(
+                f"--{name.replace('_', '-')} {low} {high}: need 8 <= MIN <= MAX, as the digits "
+                f"are 8x8"
+            )
+    if config.shift_canvas < 8 + 2 * config.shift_step:
+        raise InputError(
+            f"--shift-canvas {config.shift_canvas} leaves no room to move an 8-pixel digit by "
+            f"{config.shift_step} pixels each way"
+        )
+    if not config.test_noise >= 0:
+        raise InputError(f"--test-noise must be 0 or more, got {config.test_noise}")
+    check_config(config.train_config(config.pools[0], 0, config.canvas))

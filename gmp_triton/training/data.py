@@ -2,8 +2,9 @@
 class into a training set and a held-out set, and the batches the training loop reads.
 
 Every image is a float tensor ``(C, H, W)`` with values in [0, 1]. Held-out images may differ in
-size: the max-pooling head takes any size, and ``batches_of_equal_size`` groups them for the
-forward pass. Training batches have one size per batch.
+size: the pooling head takes any size, and ``batches_of_equal_size`` groups them for the
+forward pass. Training batches have one size per batch, or with ``mixed_sizes`` one size per
+image, padded into one batch (``padded.py``).
 """
 
 import logging
@@ -164,7 +165,12 @@ def load_digits_data(config: TrainConfig) -> RetrievalData:
     )
     held_out.images = place_on_canvases(held_out.images, sides.tolist(), config.noise, generator)
 
-    def make_collate(generator: torch.Generator) -> RandomCanvasBatch:
+    def make_collate(generator: torch.Generator) -> Callable:
+        if config.mixed_sizes:
+            # Imported here: the padded-batch module builds on this one.
+            from .padded import MixedCanvasBatch
+
+            return MixedCanvasBatch(config.canvas_min, config.canvas_max, config.noise, generator)
         return RandomCanvasBatch(config.canvas_min, config.canvas_max, config.noise, generator)
 
     return RetrievalData(train, held_out, channels=1, make_collate=make_collate)

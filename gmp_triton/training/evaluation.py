@@ -98,14 +98,23 @@ def retrieval_metrics(embeddings: Tensor, labels: Tensor) -> dict[str, float]:
 
 @torch.no_grad()
 def embed_images(
-    model: nn.Module, images: Tensor | list[Tensor], device: torch.device, batch_size: int = 256
+    model: nn.Module,
+    images: Tensor | list[Tensor],
+    device: torch.device,
+    batch_size: int = 256,
+    mixed_sizes: bool = False,
 ) -> Tensor:
-    """Embeddings ``(N, D)`` on the CPU of images that may differ in size, in eval mode."""
+    """Embeddings ``(N, D)`` on the CPU of images that may differ in size, in eval mode: in
+    batches of one size, or with ``mixed_sizes`` in zero-padded batches of consecutive images
+    whose sizes go to the model."""
+    from .padded import padded_batches
+
     was_training = model.training
     model.eval()
     embeddings: list[Tensor | None] = [None] * len(images)
+    batches = padded_batches if mixed_sizes else batches_of_equal_size
     try:
-        for indices, batch in batches_of_equal_size(images, batch_size):
+        for indices, batch in batches(images, batch_size):
             output = model(batch.to(device)).float().cpu()
             for index, row in zip(indices, output, strict=True):
                 embeddings[index] = row
@@ -127,9 +136,13 @@ def raw_pixel_vectors(images: Tensor | list[Tensor]) -> Tensor:
     return F.normalize(torch.stack(padded).flatten(1).float(), dim=1)
 
 
-def evaluate_model(model: nn.Module, held_out: ImageSet, device: torch.device) -> dict[str, float]:
-    """``METRICS`` of ``model`` on the held-out set."""
-    return retrieval_metrics(embed_images(model, held_out.images, device), held_out.labels)
+def evaluate_model(
+    model: nn.Module, held_out: ImageSet, device: torch.device, mixed_sizes: bool = False
+) -> dict[str, float]:
+    """``METRICS`` of ``model`` on the held-out set (embedded in padded batches with
+    ``mixed_sizes``)."""
+    embeddings = embed_images(model, held_out.images, device, mixed_sizes=mixed_sizes)
+    return retrieval_metrics(embeddings, held_out.labels)
 
 
 def evaluate_raw_pixels(held_out: ImageSet) -> dict[str, float]:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import DIGIT_DATA, InputError, TrainConfig, check_config
 from .data import ImageSet, load_data, read_image, training_loader
 from .evaluation import evaluate_model, evaluate_raw_pixels
@@ -99,6 +100,7 @@ def new_model(
         config.widths,
         backbone,
         feature_channels,
+        config.gem_p,
     )
 
 
@@ -149,6 +151,10 @@ def train(
         on_epoch_end: called with the epoch number and its log entry after its checkpoint.
     """
     check_config(config)
+    # Under torchrun, one of several processes (see distributed.py); rank 0 shows progress.
+    processes = distributed.current()
+    if not processes.is_main:
+        progress = no_progress
     if backbone is not None and config.backbone != "custom":
         raise InputError('a backbone module was passed: set config.backbone = "custom"')
     device = device if isinstance(device, torch.device) else resolve_device(device)
@@ -185,14 +191,17 @@ def train(
     # A fresh loader every epoch: MPerClassSampler shuffles its class list in place, so a
     # long-lived one would carry state from epoch to epoch that a checkpoint does not hold.
     training_loader(data, config, generator)  # checks the data before anything is written
+    # Every process learns whether the others' set-up succeeded: all go on, or all stop.
+    processes.finish_setup(config, data)
 
     if state is None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.write_json(out_dir / ckpt.CONFIG_NAME, config.to_dict())
+        if processes.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.write_json(out_dir / ckpt.CONFIG_NAME, config.to_dict())
         logger.info("evaluating the baselines on %d held-out images", len(data.held_out))
         baselines = {
-            RAW_PIXELS: evaluate_raw_pixels(data.held_out),
-            UNTRAINED: evaluate_model(model, data.held_out, device),
+            RAW_PIXELS: processes.on_main(evaluate_raw_pixels, data.held_out),
+            UNTRAINED: processes.evaluate_model(model, data.held_out, device, config.mixed_sizes),
         }
         history: list[dict] = []
         train_seconds = 0.0
@@ -204,7 +213,8 @@ def train(
         ckpt.restore_random_state(state["random"], generator)
         baselines, history = state["baselines"], state["history"]
         train_seconds, start_epoch = state["train_seconds"], state["epoch"]
-        ckpt.write_json(out_dir / ckpt.CONFIG_NAME, config.to_dict())
+        if processes.is_main:
+            ckpt.write_json(out_dir / ckpt.CONFIG_NAME, config.to_dict())
         logger.info("resuming %s after epoch %d of %d", out_dir, start_epoch, config.epochs)
 
     def summary() -> dict:
@@ -216,17 +226,21 @@ def train(
             "held_out": {"classes": data.held_out.class_names, "images": len(data.held_out)},
             "epochs": history,
             "train_seconds": train_seconds,
-            "device": describe_device(device),
+            "device": processes.describe(describe_device(device)),
         }
 
+    # In several processes: the model in DistributedDataParallel, and each batch split.
+    trainer = processes.for_training(model, loss_fn, device)
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
         loader = training_loader(data, config, generator)
-        batches = progress(loader, total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}")
-        stats = train_one_epoch(model, batches, loss_fn, miner, optimiser, device)
+        batches = progress(
+            processes.shard(loader), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}"
+        )
+        stats = train_one_epoch(trainer, batches, loss_fn, miner, optimiser, device)
         epoch_seconds = time.perf_counter() - started
         train_seconds += epoch_seconds
-        metrics = evaluate_model(model, data.held_out, device)
+        metrics = processes.evaluate_model(model, data.held_out, device, config.mixed_sizes)
         entry = {
             "epoch": epoch + 1,
             "loss": stats.loss,
@@ -235,22 +249,23 @@ def train(
         }
         history.append(entry)
 
-        ckpt.save_checkpoint(
-            checkpoint_file,
-            {
-                "format": ckpt.CHECKPOINT_FORMAT,
-                "config": config.to_dict(),
-                "epoch": epoch + 1,
-                "model": model.state_dict(),
-                "loss": loss_fn.state_dict(),
-                "optimiser": optimiser.state_dict(),
-                "random": ckpt.random_state(generator),
-                "baselines": baselines,
-                "history": history,
-                "train_seconds": train_seconds,
-            },
-        )
-        ckpt.write_json(out_dir / ckpt.METRICS_NAME, summary())
+        if processes.is_main:
+            ckpt.save_checkpoint(
+                checkpoint_file,
+                {
+                    "format": ckpt.CHECKPOINT_FORMAT,
+                    "config": config.to_dict(),
+                    "epoch": epoch + 1,
+                    "model": model.state_dict(),
+                    "loss": loss_fn.state_dict(),
+                    "optimiser": optimiser.state_dict(),
+                    "random": ckpt.random_state(generator),
+                    "baselines": baselines,
+                    "history": history,
+                    "train_seconds": train_seconds,
+                },
+            )
+            ckpt.write_json(out_dir / ckpt.METRICS_NAME, summary())
         logger.info(
             "epoch %d/%d  loss %.4f  held-out MAP@R %.4f  P@1 %.4f  (%.1f s)",
             epoch + 1,
@@ -264,7 +279,8 @@ def train(
             on_epoch_end(epoch + 1, entry)
 
     final = summary()
-    ckpt.write_json(out_dir / ckpt.METRICS_NAME, final)
+    if processes.is_main:
+        ckpt.write_json(out_dir / ckpt.METRICS_NAME, final)
     return RunResult(
         out_dir=out_dir,
         config=config,
@@ -289,7 +305,14 @@ def load_model(
     state = ckpt.load_checkpoint(path)
     config = TrainConfig.from_dict(state["config"])
     model = new_model(config, backbone, feature_channels)
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError:
+        raise InputError(
+            f"the weights in {str(path)!r} do not fit the model its settings describe (pool "
+            f"{config.pool!r}, embed-dim {config.embed_dim}): another backbone, or a checkpoint "
+            f"from before --embed-dim projected the pooled vector"
+        ) from None
     return model.to(device).eval(), config, state["epoch"]
 
 
@@ -310,7 +333,7 @@ def evaluate_checkpoint(
             raise InputError(f"--data {data!r} does not match the run's data {config.data!r}")
         config = dataclasses.replace(config, data=data)
     held_out = load_data(config, progress).held_out
-    return evaluate_model(model, held_out, device), held_out
+    return evaluate_model(model, held_out, device, config.mixed_sizes), held_out
 
 
 def read_images_for(config: TrainConfig, paths: list[str | Path]) -> list[torch.Tensor]:
