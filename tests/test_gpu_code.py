@@ -118,6 +118,57 @@ def test_resource_usage_and_spills_are_read():
     assert compile_worker.read_spill_bytes(log) == 4 + 12
 
 
+SASS_WITH_A_LOOP = "\n".join(
+    [
+        "        /*0240*/                   STL [R1], R10 ;",
+        "        /*0290*/               @P0 BRA 0x0c90 ;",
+        "        /*0480*/                   LDG.E.128 R4, desc[UR4][R2.64] ;",
+        "        /*0500*/                   LDL R12, [R1+0x4] ;",
+        "        /*0bc0*/              @!P0 BRA 0x480 ;",
+        "        /*0c90*/                   LDL.LU.64 R20, [R1] ;",
+        "        /*11f0*/                   EXIT ;",
+        "        /*1200*/                   BRA 0x1200;",
+    ]
+)
+
+
+def test_spill_accesses_are_placed_inside_or_outside_loops():
+    # The loop is 0x480..0xbc0 (a backward branch); the forward branch and the final
+    # branch-to-itself are not loops.
+    counts = compile_worker.count_spill_accesses(SASS_WITH_A_LOOP)
+    assert counts == {"in_loops": 1, "outside_loops": 2}
+    without_loop_spill = SASS_WITH_A_LOOP.replace("LDL R12, [R1+0x4]", "IADD3 R12, R1, R2, RZ")
+    assert compile_worker.count_spill_accesses(without_loop_spill) == {
+        "in_loops": 0,
+        "outside_loops": 2,
+    }
+
+
+def _result_with_spills(spill_bytes, in_loops, outside_loops) -> gpu_code.VariantResult:
+    variant = gpu_code.Variant("pool_stats_kernel", "m", 90, 4, (), (), ())
+    info = gpu_code.VariantInfo("float32", "NCHW", "all", ["example"], None)
+    return gpu_code.VariantResult(
+        variant,
+        info,
+        registers=40,
+        stack_bytes=8,
+        spill_bytes=spill_bytes,
+        spill_accesses_in_loops=in_loops,
+        spill_accesses_outside_loops=outside_loops,
+    )
+
+
+def test_only_spills_outside_every_loop_pass_the_gate():
+    assert not _result_with_spills(0, None, None).spills
+    outside = _result_with_spills(20, 0, 3)
+    assert outside.spills_outside_loops_only and not outside.spills and not outside.problems
+    inside = _result_with_spills(20, 1, 2)
+    assert inside.spills and "1 spill accesses in loops" in inside.problems[0]
+    # Spill bytes without a place found for them count as failing.
+    assert _result_with_spills(20, None, None).spills
+    assert _result_with_spills(20, 0, 0).spills
+
+
 # --- which variants exist ---------------------------------------------------------------------
 
 
@@ -319,13 +370,35 @@ def test_every_variant_compiles(gate_results):
     assert not failed, "\n".join(failed)
 
 
-def test_no_variant_spills_registers(gate_results):
+def test_no_variant_spills_registers_in_a_loop(gate_results):
     spilling = [
         f"{_describe(r)}: {r.spill_bytes} B spilled, {r.registers} registers"
         for r in gate_results
         if r.error is None and r.spills
     ]
     assert not spilling, f"{len(spilling)} variants spill:\n" + "\n".join(spilling)
+    for result in gate_results:
+        if result.spills_outside_loops_only:
+            assert result.spill_accesses_outside_loops > 0 and result.spill_accesses_in_loops == 0
+
+
+def test_a_spill_ptxas_places_outside_the_loop_is_found_there():
+    # With Triton 3.9 / ptxas 13, this sm_90 variant (int64 offsets, channels_last, a mask) keeps
+    # two values live across its loop in local memory, stored before it and loaded after it.
+    huge = next(s for s in gpu_code.COVERAGE_SHAPES if s.size == (2, 64, 16384, 16384))
+    found = gpu_code.discover_variants([huge], [torch.float32], [90], pools=["avg"])
+    chosen = {
+        v: i
+        for v, i in found.items()
+        if v.kernel == "pool_stats_kernel" and i.layout == "channels_last" and i.positions == "mask"
+    }
+    assert chosen
+    for result in gpu_code.compile_variants(chosen):
+        assert result.error is None, result.error
+        if result.spill_bytes:
+            assert result.spill_accesses_in_loops == 0, _describe(result)
+            assert result.spill_accesses_outside_loops > 0, _describe(result)
+            assert not result.problems
 
 
 def test_aligned_maps_are_accessed_at_full_width(gate_results):

@@ -75,8 +75,9 @@ def add_parsers(subcommands) -> None:
         description=(
             "Compile every kernel variant the launchers choose, ahead of time for sm_80 and "
             "sm_90, and read registers, spills, shared memory and global access widths with the "
-            "tools in Triton's wheel. Exits with 1 if a variant spills or reads an aligned map "
-            "with narrower accesses than its tile allows."
+            "tools in Triton's wheel. Exits with 1 if a variant spills registers inside a loop or "
+            "reads an aligned map with narrower accesses than its tile allows (spills outside "
+            "every loop are reported, not failed)."
         ),
     )
     gate.add_argument(

@@ -3,8 +3,9 @@ read the result with the tools that ship in Triton's wheel.
 
 Registers, stack and local memory come from ``cuobjdump --dump-resource-usage`` on the cubin;
 spill bytes from ``ptxas -v`` (Triton's own ptxas step, run again with its log kept) when there
-is any stack or local memory; access widths from the PTX, where each vector access is one
-instruction of known width (on request also from the SASS, to check that the two agree).
+is any stack or local memory, and where there are spills, whether they lie in a loop (from the
+SASS); access widths from the PTX, where each vector access is one instruction of known width
+(on request also from the SASS, to check that the two agree).
 
 Reads a JSON list of variants on stdin and prints one JSON line per variant as it finishes, so
 the parent can show progress. It must run without ``TRITON_INTERPRET``: under the interpreter
@@ -33,6 +34,11 @@ OPCODES = {"ld": "LDG", "st": "STG"}
 SASS_PATTERN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.\w+)*)")
 # Width modifiers of LDG/STG; without one (".E" and cache hints only) an access is 32 bits.
 SASS_WIDTHS = {"256": 256, "128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
+# A SASS instruction with its address and operands: "/*0bc0*/  @!P0 BRA 0x480 ;".
+SASS_LINE_PATTERN = re.compile(
+    r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.[\w.]+)*\s*([^;]*);"
+)
+BRANCH_TARGET_PATTERN = re.compile(r"\b0x([0-9a-f]+)\b")
 
 
 def read_resource_usage(text: str) -> dict:
@@ -84,6 +90,31 @@ def read_sass_widths(sass: str) -> dict[str, list[int]]:
             width = next((SASS_WIDTHS[m] for m in modifiers if m in SASS_WIDTHS), 32)
             widths.setdefault(opcode, []).append(width)
     return widths
+
+
+def count_spill_accesses(sass: str) -> dict[str, int]:
+    """Local-memory accesses (``LDL``/``STL``, where spilled registers go) inside and outside
+    the loops of ``cuobjdump --dump-sass`` output. A loop is the address range from a backward
+    branch's target to the branch. A spill inside a loop costs on every iteration; one outside
+    every loop (a value stored before the main loop and loaded after it) costs once per
+    program."""
+    instructions = []
+    for line in sass.splitlines():
+        match = SASS_LINE_PATTERN.match(line)
+        if match:
+            address, opcode, operands = match.groups()
+            instructions.append((int(address, 16), opcode, operands))
+    loops = []
+    for address, opcode, operands in instructions:
+        target = BRANCH_TARGET_PATTERN.search(operands) if opcode == "BRA" else None
+        if target and int(target.group(1), 16) < address:
+            loops.append((int(target.group(1), 16), address))
+    counts = {"in_loops": 0, "outside_loops": 0}
+    for address, opcode, _ in instructions:
+        if opcode in ("LDL", "STL"):
+            inside = any(start <= address <= end for start, end in loops)
+            counts["in_loops" if inside else "outside_loops"] += 1
+    return counts
 
 
 def _cuobjdump(flag: str, cubin: bytes, workdir: Path) -> str:
@@ -177,9 +208,14 @@ def compile_and_inspect(spec: dict, workdir: Path) -> dict:
     if usage["stack_bytes"] or usage["local_bytes"]:
         log = _ptxas_log(backend, compiled.asm["ptx"], backend.parse_options(options), spec["arch"])
         spill_bytes = read_spill_bytes(log)
+    spill_accesses = {"in_loops": None, "outside_loops": None}
+    if spill_bytes:
+        spill_accesses = count_spill_accesses(_cuobjdump("--dump-sass", cubin, workdir))
     result = {
         **usage,
         "spill_bytes": spill_bytes,
+        "spill_accesses_in_loops": spill_accesses["in_loops"],
+        "spill_accesses_outside_loops": spill_accesses["outside_loops"],
         # Triton's kernels take their shared memory dynamically; the launch asks for this much.
         "shared_bytes": compiled.metadata.shared,
         "access_widths": read_access_widths(compiled.asm["ptx"]),
