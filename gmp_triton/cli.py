@@ -20,7 +20,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except OSError as error:
+        # A file or folder that cannot be read or written (an --out inside a file, a full
+        # disk, no permission): one line that names it, as for any other bad input.
+        where = f" {error.filename!r}" if error.filename else ""
+        print(
+            f"gmp-triton {args.command}: error: cannot use{where}: {error.strerror or error}",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -67,11 +67,17 @@ class EmbeddingHead(nn.Module):
                 f"{norm_layer!r}"
             )
         self.projection = nn.Linear(features, embed_dim) if embed_dim else None
+        self.in_channels = in_channels
         self.eps = eps
         self.return_features = return_features
         self.embed_dim = embed_dim or features
 
     def forward(self, x: Tensor, sizes: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        if x.dim() >= 2 and x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"EmbeddingHead: input has {x.shape[1]} channels (dim 1 of shape "
+                f"{tuple(x.shape)}), the head was built for {self.in_channels}"
+            )
         fused = self.norm_layer is None and self.projection is None and not self.return_features
         if fused:
             return functional.pool_l2norm(

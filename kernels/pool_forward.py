@@ -267,9 +267,12 @@ def pool_finish_kernel(
         gem_p = upcast(tl.load(gem_p_ptr), ACC_DTYPE)
         pow_sum = tl.load(pow_sum_ptr + stat_offs, mask=c_mask, other=1.0)
         pow_log_sum = tl.load(pow_log_sum_ptr + stat_offs, mask=c_mask, other=0.0)
+        # An empty sample's sum is 0: 1 in its place keeps log(0) and 0 * inf out of the
+        # arithmetic (its results are replaced by 0 below).
+        pow_sum = tl.where(has_positions, pow_sum, 1.0)
         log_mean = tl.log(div_rn(pow_sum, divisor, IS_FP64))
         pooled = tl.where(has_positions, tl.exp(log_mean / gem_p), 0.0)
-        ratio = div_rn(pow_log_sum, tl.where(has_positions, pow_sum, 1.0), IS_FP64)
+        ratio = div_rn(pow_log_sum, pow_sum, IS_FP64)
         gem_dp = tl.where(has_positions, pooled / gem_p * (ratio - log_mean / gem_p), 0.0)
         tl.store(gem_dp_ptr + stat_offs, gem_dp, mask=c_mask)
         tl.store(pooled_ptr + stat_offs, pooled, mask=c_mask)

@@ -130,6 +130,8 @@ def test_padded_family_equals_items_alone(backend, pool):
         ), "gradient outside the item"
 
 
+# No 0 * inf or log(0) on the way to the zero, either: the interpreter reports them as warnings.
+@pytest.mark.filterwarnings("error::RuntimeWarning")
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("pool", FAMILY)
 def test_empty_item_gives_zero_embedding(backend, pool):
@@ -242,6 +244,10 @@ def test_embedding_head_options():
         gmp_triton.EmbeddingHead(8, embed_dim=0)
     with pytest.raises(ValueError, match="norm_layer must be"):
         gmp_triton.EmbeddingHead(8, norm_layer="groupnorm")
+    # A map with other channels than the head was built for: named, fused or not.
+    for head in (fused, gmp_triton.EmbeddingHead(8, norm_layer="layernorm")):
+        with pytest.raises(ValueError, match="input has 16 channels .* built for 8"):
+            head(torch.rand(4, 16, 5, 3))
 
 
 def test_embedding_model_on_a_backbone_with_forward_features():

@@ -148,6 +148,31 @@ def test_resume_after_an_interruption_gives_the_uninterrupted_result(trained_run
     assert read_metrics(out)["results"] == read_metrics(trained_run)["results"]
 
 
+def test_interrupt_before_the_first_checkpoint_says_there_is_nothing_to_resume(
+    tmp_path, monkeypatch, capsys
+):
+    from gmp_triton.training import run as run_module
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "train", interrupted)
+    monkeypatch.chdir(tmp_path)
+    assert run_command("train", "--data", "digits-plain") == 130
+    message = capsys.readouterr().err
+    assert "no checkpoint was written" in message and "--resume" not in message
+    # The run folder the command made for itself is gone again, being empty.
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_runs_started_in_the_same_second_get_folders_of_their_own(tmp_path, monkeypatch):
+    from gmp_triton.training import cli as training_cli
+
+    monkeypatch.chdir(tmp_path)
+    folders = [training_cli._new_run_folder() for _ in range(3)]
+    assert len(set(folders)) == 3 and all(folder.is_dir() for folder in folders)
+
+
 def test_resume_can_extend_a_finished_run(tmp_path):
     """Two epochs then one more equals three epochs at once (plain digits: the fastest data)."""
     both = tmp_path / "at_once"
@@ -200,6 +225,18 @@ def test_image_folder_training_splits_by_sorted_class_name(tmp_path):
     assert model.embedding_size == 32
     # The projection maps the pooled vector (64 channels) to 32 dimensions, before the norm.
     assert load_checkpoint(out)["model"]["head.projection.weight"].shape == (32, 64)
+
+
+def test_a_held_out_class_of_one_image_is_warned_about(tmp_path, caplog):
+    write_digit_folder(tmp_path / "data", [0, 1, 2], per_class=20)
+    write_digit_folder(tmp_path / "data", [3], per_class=1)
+    with _backend.cpu_backend("torch"):
+        train(
+            TrainConfig(data=str(tmp_path / "data"), epochs=1, m_per_class=4, image_size=16),
+            tmp_path / "run",
+            device="cpu",
+        )
+    assert "held-out class 'digit_3' has a single image" in caplog.text
 
 
 def test_image_folder_split_can_be_chosen(tmp_path):

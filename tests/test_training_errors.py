@@ -103,11 +103,26 @@ def test_embed_dim_zero(capsys, tmp_path):
         (("--lr", "-1"), "--lr must be positive"),
         (("--train-classes", "0,1,x"), "no class 'x'"),
         (("--train-classes", "0,1,5", "--eval-classes", "5,6"), "both trained on and held out"),
+        (("--seed", "-1"), "--seed must be an integer from 0 to 2**32 - 1, got -1"),
+        (("--seed", str(2**32)), "--seed must be an integer from 0 to 2**32 - 1"),
+        (("--m-per-class", "1"), "--m-per-class 1 with --loss multi-similarity"),
+        (("--gem-p", "4"), "--gem-p sets GeM's exponent: it needs --pool gem, not max"),
     ],
 )
 def test_other_bad_options(capsys, tmp_path, option, message):
     line = run_failing(capsys, "train", *option, "--out", tmp_path / "r")
     assert message in line
+
+
+def test_run_folder_inside_a_file(capsys, tmp_path):
+    (tmp_path / "file").write_text("not a folder")
+    line = run_failing(capsys, "train", "--data", "digits-plain", "--out", tmp_path / "file" / "r")
+    assert "cannot use" in line and str(tmp_path / "file") in line
+
+
+def test_bench_needs_a_positive_time_budget(capsys, tmp_path):
+    line = run_failing(capsys, "bench", "--quick", "--time-budget", "0", "--out", tmp_path / "b")
+    assert "--time-budget must be a positive number of seconds, got 0" in line
 
 
 def test_missing_checkpoint(capsys, tmp_path):
@@ -121,6 +136,19 @@ def test_damaged_checkpoint(capsys, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
     line = run_failing(capsys, "evaluate", tmp_path)
     assert "cannot read checkpoint" in line
+
+
+def test_resume_to_fewer_epochs_than_trained(capsys, tmp_path):
+    import torch
+
+    from gmp_triton.training.checkpoint import CHECKPOINT_FORMAT
+    from gmp_triton.training.config import TrainConfig
+
+    config = TrainConfig(data="digits-plain", epochs=4).to_dict()
+    state = {"format": CHECKPOINT_FORMAT, "config": config, "epoch": 4}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    line = run_failing(capsys, "train", "--resume", tmp_path, "--epochs", "2")
+    assert "has already trained 4 epochs" in line and "give 4 or more" in line
 
 
 def test_resume_without_a_run(capsys, tmp_path):

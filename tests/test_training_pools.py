@@ -202,3 +202,14 @@ def test_experiment_report_shows_the_numbers_of_results_json(experiment):
     loses_section = report.split("**Where max pooling loses**")[1].split("**Where max")[0]
     assert ("retrieval, MAP@R: max" in loses_section) == (map_at_r["avg"] > map_at_r["max"])
     assert math.isfinite(results["seconds"]["total"])
+
+
+def test_findings_judge_a_difference_by_the_seed_spread_only_with_several_seeds():
+    from gmp_triton.training.experiment_report import _spread_verdict
+
+    ours, other = {"mean": 0.50, "std": 0.01}, {"mean": 0.45, "std": 0.01}
+    assert _spread_verdict(ours, other, seeds=3) == "beyond the seed spread"
+    assert _spread_verdict(ours, {"mean": 0.49, "std": 0.01}, seeds=3) == "within the seed spread"
+    # One seed has no spread (std 0): every difference would look beyond it.
+    single = {"mean": 0.50, "std": 0.0}, {"mean": 0.45, "std": 0.0}
+    assert _spread_verdict(*single, seeds=1) == "one seed: no spread to judge it by"

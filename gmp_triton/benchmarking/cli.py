@@ -197,6 +197,13 @@ def run_bench(args) -> int:
         time_budget_s=args.time_budget,
         padded_cases=_select_padded_cases(args, device),
     )
+    if args.time_budget is not None and not args.time_budget > 0:
+        print(
+            f"gmp-triton bench: error: --time-budget must be a positive number of seconds, "
+            f"got {args.time_budget}",
+            file=sys.stderr,
+        )
+        return 2
     if not config.cases and not config.padded_cases:
         print("gmp-triton bench: no case matches the filters", file=sys.stderr)
         return 2
@@ -211,7 +218,10 @@ def run_bench(args) -> int:
         try:
             import triton
 
-            run["gpu_code"] = report.gate_summary(_run_gate(), triton.__version__)
+            # A smoke run compiles only the variants of its own maps and dtype.
+            quick = dict(shapes=list(cases_module.QUICK_SHAPES), dtypes=[torch.float32])
+            results = _run_gate(**(quick if args.quick else {}))
+            run["gpu_code"] = report.gate_summary(results, triton.__version__)
         except Exception as error:  # the report is still worth writing without the gate
             logger.exception("the GPU-code gate failed")
             run["gpu_code"] = {"error": f"{type(error).__name__}: {error}"}
@@ -232,7 +242,14 @@ def run_bench(args) -> int:
 
 
 def run_gpu_code(args) -> int:
-    import triton
+    try:
+        import triton
+    except ImportError:
+        print(
+            "gmp-triton gpu-code: error: needs Triton (pip install triton; Linux only)",
+            file=sys.stderr,
+        )
+        return 2
 
     from . import gpu_code, report
 

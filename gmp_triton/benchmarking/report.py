@@ -286,9 +286,12 @@ def gpu_code_section(gate: dict) -> str:
     if failing:
         lines.append("Failing variants:\n")
         lines.append(gpu_code.markdown_table(failing, GATE_COLUMNS + ["problems"]))
-    lines.append("<details><summary>every variant</summary>\n")
-    lines.append(gpu_code.markdown_table(gate["variants"], GATE_COLUMNS))
-    lines.append("</details>\n")
+    # Thousands of rows: every variant is in results.json ("gpu_code", "variants"), and
+    # `gmp-triton gpu-code --list` prints them.
+    lines.append(
+        f"Every variant, with its registers, spills and access widths: `results.json` "
+        f"(`gpu_code.variants`, {len(gate['variants'])} rows).\n"
+    )
     return "\n".join(lines)
 
 

@@ -6,8 +6,10 @@ for it.
 """
 
 import argparse
+import contextlib
 import datetime
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -448,17 +450,37 @@ def _resumed_config(given: TrainConfig, run_dir: Path) -> TrainConfig:
             )
     if given.epochs != defaults.epochs:
         stored = dataclasses.replace(stored, epochs=given.epochs)
+    done = load_checkpoint(run_dir)["epoch"]
+    if stored.epochs < done:
+        raise InputError(
+            f"--epochs {stored.epochs}: the run in {str(run_dir)!r} has already trained {done} "
+            f"epochs; --epochs is the total to reach, so give {done} or more"
+        )
     return stored
 
 
 def _new_run_folder() -> Path:
+    """A new folder under ``runs/`` named by the time, created here so that two runs started in
+    the same second cannot both take it (the second gets a suffix). Under torchrun only rank 0
+    writes, so only it claims a folder."""
+    from .distributed import launched_by_torchrun
+
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    folder = Path("runs") / stamp
-    suffix = 1
-    while folder.exists():
-        folder = Path("runs") / f"{stamp}-{suffix}"
-        suffix += 1
-    return folder
+    claim = not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+    folder, suffix = Path("runs") / stamp, 1
+    while True:
+        try:
+            if claim:
+                folder.mkdir(parents=True)
+            return folder
+        except FileExistsError:
+            folder = Path("runs") / f"{stamp}-{suffix}"
+            suffix += 1
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()  # only an empty folder goes
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -488,12 +510,27 @@ def run_train(args: argparse.Namespace) -> int:
             progress=_progress_bar,
         )
     except KeyboardInterrupt:
-        print(
-            f"\ninterrupted: {out_dir} keeps the checkpoint of the last complete epoch; continue "
-            f"with: gmp-triton train --resume {out_dir}",
-            file=sys.stderr,
-        )
+        from .checkpoint import CHECKPOINT_NAME
+
+        if (out_dir / CHECKPOINT_NAME).exists():
+            print(
+                f"\ninterrupted: {out_dir} keeps the checkpoint of the last complete epoch; "
+                f"continue with: gmp-triton train --resume {out_dir}",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                "\ninterrupted before the first epoch ended: no checkpoint was written, so "
+                "there is nothing to resume; run the command again to start over",
+                file=sys.stderr,
+            )
+            if args.out is None:
+                _remove_if_empty(out_dir)
         return INTERRUPTED_STATUS
+    except InputError:
+        if args.out is None and args.resume is None:
+            _remove_if_empty(out_dir)  # the folder claimed above, if nothing was written
+        raise
 
     print(results_table(result.results, result.held_out_classes, result.held_out_images))
     epochs = len(result.history)

@@ -12,6 +12,9 @@ DIGIT_DATA = ("digits", "digits-plain")
 # The poolings of gmp_triton.global_pool; all run through the package's fused kernels.
 POOLS = ("max", "avg", "avgmax", "catavgmax", "gem")
 LOSSES = ("multi-similarity", "triplet", "contrastive", "proxy-anchor", "arcface")
+# Losses over pairs of images of a batch: they need two images of a class in it to learn.
+PAIR_LOSSES = ("multi-similarity", "triplet", "contrastive")
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit
 BACKBONES = ("small-cnn", "custom")
 
 
@@ -119,6 +122,13 @@ def check_config(config: TrainConfig) -> None:
                 f"--batch-size {config.batch_size} is not a multiple of --m-per-class "
                 f"{config.m_per_class}: each batch holds m images of each of its classes"
             )
+    if config.m_per_class < 2 and config.loss in PAIR_LOSSES:
+        raise InputError(
+            f"--m-per-class {config.m_per_class} with --loss {config.loss}: a batch needs at "
+            f"least 2 images of a class for a positive pair, so nothing would be learned"
+        )
+    if not isinstance(config.seed, int) or not 0 <= config.seed < SEED_LIMIT:
+        raise InputError(f"--seed must be an integer from 0 to 2**32 - 1, got {config.seed}")
     positive_float("lr", config.lr)
     if config.weight_decay < 0:
         raise InputError(f"--weight-decay must be 0 or more, got {config.weight_decay}")
@@ -133,6 +143,8 @@ def check_config(config: TrainConfig) -> None:
         raise InputError(f"--pool must be one of {', '.join(POOLS)}, got {config.pool!r}")
     if not 0 < config.gem_p < float("inf"):
         raise InputError(f"--gem-p must be a positive finite number, got {config.gem_p}")
+    if config.pool != "gem" and config.gem_p != TrainConfig.gem_p:
+        raise InputError(f"--gem-p sets GeM's exponent: it needs --pool gem, not {config.pool}")
     if config.mixed_sizes and config.data != "digits":
         raise InputError(
             f"--mixed-sizes needs --data digits (canvases of random sizes); the images of "

@@ -72,6 +72,7 @@ def comparisons(results: dict) -> list[tuple[str, dict[str, dict]]]:
 def findings(results: dict) -> tuple[list[str], list[str]]:
     """``(where max pooling loses, where it comes first)``: one line per measure."""
     loses, wins = [], []
+    seeds = results["config"]["seeds"]
     for measure, stats in comparisons(results):
         if REFERENCE not in stats or len(stats) < 2:
             continue
@@ -85,21 +86,23 @@ def findings(results: dict) -> tuple[list[str], list[str]]:
             pool, stat = others[0]
             wins.append(
                 f"{measure}: max {_cell(ours)}; next {pool} {_cell(stat)} "
-                f"(-{ours['mean'] - stat['mean']:.3f}, {_beyond(ours, stat)} the seed spread)"
+                f"(-{ours['mean'] - stat['mean']:.3f}, {_spread_verdict(ours, stat, seeds)})"
             )
             continue
         behind = "; ".join(
             f"{pool} {_cell(stat)} (+{stat['mean'] - ours['mean']:.3f}, "
-            f"{_beyond(ours, stat)} the seed spread)"
+            f"{_spread_verdict(ours, stat, seeds)})"
             for pool, stat in better
         )
         loses.append(f"{measure}: max {_cell(ours)} is behind {behind}")
     return loses, wins
 
 
-def _beyond(first: dict, second: dict) -> str:
+def _spread_verdict(first: dict, second: dict, seeds: int) -> str:
+    if seeds < 2:
+        return "one seed: no spread to judge it by"
     margin = abs(first["mean"] - second["mean"])
-    return "beyond" if margin > first["std"] + second["std"] else "within"
+    return ("beyond" if margin > first["std"] + second["std"] else "within") + " the seed spread"
 
 
 # Sections ---------------------------------------------------------------------------------------

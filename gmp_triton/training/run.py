@@ -125,6 +125,21 @@ def _check_same_run(stored: TrainConfig, config: TrainConfig) -> None:
         )
 
 
+def _warn_about_lone_held_out_images(data) -> None:
+    """A held-out class of one image counts as a query with no right answer in every metric."""
+    held_out = data.held_out
+    counts = torch.bincount(held_out.labels, minlength=len(held_out.class_names)).tolist()
+    lone = [name for name, count in zip(held_out.class_names, counts, strict=True) if count < 2]
+    if lone:
+        logger.warning(
+            "held-out class%s %s ha%s a single image, which no other image can match: it "
+            "lowers every metric",
+            "es" if len(lone) > 1 else "",
+            ", ".join(repr(name) for name in lone[:5]) + (" ..." if len(lone) > 5 else ""),
+            "ve" if len(lone) > 1 else "s",
+        )
+
+
 def train(
     config: TrainConfig,
     out_dir: str | Path,
@@ -170,6 +185,7 @@ def train(
         )
 
     data = load_data(config, progress)
+    _warn_about_lone_held_out_images(data)
     # Record the resolved split and path, so that `evaluate` finds the same held-out set.
     config = dataclasses.replace(
         config,
