@@ -239,6 +239,30 @@ def test_a_held_out_class_of_one_image_is_warned_about(tmp_path, caplog):
     assert "held-out class 'digit_3' has a single image" in caplog.text
 
 
+def test_a_run_on_an_image_folder_resumes_after_the_folder_moved(tmp_path):
+    write_digit_folder(tmp_path / "data", [0, 1, 2, 3], per_class=20)
+    common = ("--m-per-class", "4", "--image-size", "16", "--seed", "2")
+    run, straight = tmp_path / "run", tmp_path / "straight"
+    assert (
+        run_command(
+            "train", "--data", tmp_path / "data", *common, "--epochs", "2", "--out", straight
+        )
+        == 0
+    )
+    assert (
+        run_command("train", "--data", tmp_path / "data", *common, "--epochs", "1", "--out", run)
+        == 0
+    )
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert run_command("train", "--resume", run, "--epochs", "2") == 2  # the old path is gone
+    assert run_command("train", "--resume", run, "--epochs", "2", "--data", tmp_path / "moved") == 0
+    resumed = load_checkpoint(run)
+    assert resumed["epoch"] == 2
+    assert resumed["config"]["data"] == str((tmp_path / "moved").resolve())
+    for name, value in load_checkpoint(straight)["model"].items():
+        assert torch.equal(resumed["model"][name], value), name
+
+
 def test_image_folder_split_can_be_chosen(tmp_path):
     data = tmp_path / "digits_as_png"
     write_digit_folder(data, [0, 1, 2, 3, 4], per_class=6)

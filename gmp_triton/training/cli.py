@@ -190,7 +190,7 @@ def _add_train_parser(subcommands) -> None:
         "--resume",
         metavar="DIR",
         help="continue the run in DIR from its last checkpoint, with its settings; only --epochs "
-        "(to train longer) and --device may change",
+        "(to train longer), --device and --data (its image folder, moved) may change",
     )
     parser.set_defaults(run=_guarded(_as_torchrun_worker(run_train)))
 
@@ -442,6 +442,10 @@ def _resumed_config(given: TrainConfig, run_dir: Path) -> TrainConfig:
             value = str(Path(value).expanduser().resolve())
         if name in ("train_classes", "eval_classes") and value is not None:
             value = sorted(value)
+        if name == "data" and value not in DIGIT_DATA and stored_value not in DIGIT_DATA:
+            # The run's image folder, moved: same classes (checked when the data are read).
+            stored = dataclasses.replace(stored, data=value)
+            continue
         if value != stored_value:
             option = "--canvas-size" if name.startswith("canvas") else f"--{name.replace('_', '-')}"
             raise InputError(

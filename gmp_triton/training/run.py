@@ -113,10 +113,14 @@ def _optimiser(config: TrainConfig, model: nn.Module, loss_fn: nn.Module) -> tor
 
 
 def _check_same_run(stored: TrainConfig, config: TrainConfig) -> None:
+    # An image folder may have moved: its classes (train_classes, eval_classes) must not change.
+    moved = stored.data not in DIGIT_DATA and config.data not in DIGIT_DATA
     changed = [
         field.name
         for field in dataclasses.fields(TrainConfig)
-        if field.name != "epochs" and getattr(stored, field.name) != getattr(config, field.name)
+        if field.name != "epochs"
+        and not (field.name == "data" and moved)
+        and getattr(stored, field.name) != getattr(config, field.name)
     ]
     if changed:
         raise InputError(
