@@ -17,12 +17,12 @@ width of the global accesses on the main path (the loads of the feature map in t
 kernel, the stores of its gradient in the backward kernel).
 
 A variant fails the gate if it spills registers inside a loop (or where the spill's place is not
-known), or if its main-path accesses are narrower than
-the tile allows where the map is contiguous and aligned along the axis the tile runs on (NCHW maps
-with ``H * W`` a multiple of 16, channels_last maps with ``C`` a multiple of 16): 128 bits, or
-less when a thread holds fewer than 16 bytes of that axis (``BLOCK_C * BLOCK_S`` smaller than 16
-bytes per thread). Sixteen elements is what the JIT can see: it marks integers divisible by 16,
-so it cannot prove alignment for smaller factors, and such maps are read with scalar accesses.
+known), or if its main-path accesses are narrower than the tile allows where the map is
+contiguous and aligned along the axis the tile runs on (NCHW maps with ``H * W`` a multiple of
+16, channels_last maps with ``C`` a multiple of 16): 128 bits, or less when a thread holds fewer
+than 16 bytes of that axis (``BLOCK_C * BLOCK_S`` smaller than 16 bytes per thread). Sixteen
+elements is what the JIT can see: it marks integers divisible by 16, so it cannot prove
+alignment for smaller factors, and such maps are read with scalar accesses.
 """
 
 import contextlib

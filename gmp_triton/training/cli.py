@@ -430,7 +430,8 @@ def _resumed_config(given: TrainConfig, run_dir: Path) -> TrainConfig:
 
     from .checkpoint import load_checkpoint
 
-    stored = TrainConfig.from_dict(load_checkpoint(run_dir)["config"])
+    checkpoint = load_checkpoint(run_dir)
+    stored = TrainConfig.from_dict(checkpoint["config"])
     defaults = TrainConfig()
     for field in dataclasses.fields(TrainConfig):
         name = field.name
@@ -454,7 +455,7 @@ def _resumed_config(given: TrainConfig, run_dir: Path) -> TrainConfig:
             )
     if given.epochs != defaults.epochs:
         stored = dataclasses.replace(stored, epochs=given.epochs)
-    done = load_checkpoint(run_dir)["epoch"]
+    done = checkpoint["epoch"]
     if stored.epochs < done:
         raise InputError(
             f"--epochs {stored.epochs}: the run in {str(run_dir)!r} has already trained {done} "
