@@ -239,7 +239,7 @@ def test_a_held_out_class_of_one_image_is_warned_about(tmp_path, caplog):
     assert "held-out class 'digit_3' has a single image" in caplog.text
 
 
-def test_a_run_on_an_image_folder_resumes_after_the_folder_moved(tmp_path):
+def test_a_run_on_an_image_folder_resumes_after_the_folder_moved(tmp_path, capsys):
     write_digit_folder(tmp_path / "data", [0, 1, 2, 3], per_class=20)
     common = ("--m-per-class", "4", "--image-size", "16", "--seed", "2")
     run, straight = tmp_path / "run", tmp_path / "straight"
@@ -255,6 +255,7 @@ def test_a_run_on_an_image_folder_resumes_after_the_folder_moved(tmp_path):
     )
     (tmp_path / "data").rename(tmp_path / "moved")
     assert run_command("train", "--resume", run, "--epochs", "2") == 2  # the old path is gone
+    assert "if it moved, give its new place with --data" in capsys.readouterr().err
     assert run_command("train", "--resume", run, "--epochs", "2", "--data", tmp_path / "moved") == 0
     resumed = load_checkpoint(run)
     assert resumed["epoch"] == 2

@@ -107,11 +107,29 @@ def test_embed_dim_zero(capsys, tmp_path):
         (("--seed", str(2**32)), "--seed must be an integer from 0 to 2**32 - 1"),
         (("--m-per-class", "1"), "--m-per-class 1 with --loss multi-similarity"),
         (("--gem-p", "4"), "--gem-p sets GeM's exponent: it needs --pool gem, not max"),
+        (("--lr", "inf"), "--lr must be positive and finite, got inf"),
+        (("--weight-decay", "inf"), "--weight-decay must be 0 or more and finite, got inf"),
+        (("--device", "meta"), "--device meta: training runs on cpu or cuda, not meta"),
+        (("--eval-classes", "5,5,6"), "names '5' twice"),
+        (("--train-classes", "0,,1"), "has an empty name between its commas"),
     ],
 )
 def test_other_bad_options(capsys, tmp_path, option, message):
     line = run_failing(capsys, "train", *option, "--out", tmp_path / "r")
     assert message in line
+
+
+def test_diverging_training_stops_with_one_line(capsys, tmp_path):
+    argv = ["train", "--data", "digits-plain", "--epochs", "1", "--lr", "1e10"]
+    with _backend.cpu_backend("torch"):
+        status = main([*argv, "--out", str(tmp_path / "r")])
+    captured = capsys.readouterr()
+    # Training had started, so its log lines come first; the error is the last line.
+    assert status == 2 and "Traceback" not in captured.err, captured.err
+    line = captured.err.strip().splitlines()[-1]
+    assert line.startswith("gmp-triton train: error: training diverged in epoch 1"), line
+    assert "try a lower --lr than 1e+10" in line
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
 
 
 def test_run_folder_inside_a_file(capsys, tmp_path):

@@ -451,10 +451,16 @@ def _resumed_config(given: TrainConfig, run_dir: Path) -> TrainConfig:
             option = "--canvas-size" if name.startswith("canvas") else f"--{name.replace('_', '-')}"
             raise InputError(
                 f"{option}: the run in {str(run_dir)!r} was made with {stored_value!r}, not "
-                f"{value!r}; a resumed run keeps its settings (only --epochs may change)"
+                f"{value!r}; a resumed run keeps its settings (only --epochs, --device and, for "
+                f"an image folder that moved, --data may change)"
             )
     if given.epochs != defaults.epochs:
         stored = dataclasses.replace(stored, epochs=given.epochs)
+    if stored.data not in DIGIT_DATA and not Path(stored.data).exists():
+        raise InputError(
+            f"the run's data folder {stored.data!r} does not exist; if it moved, give its new "
+            f"place with --data"
+        )
     done = checkpoint["epoch"]
     if stored.epochs < done:
         raise InputError(
@@ -517,6 +523,8 @@ def run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         from .checkpoint import CHECKPOINT_NAME
 
+        if int(os.environ.get("RANK", "0")) != 0:
+            return INTERRUPTED_STATUS  # under torchrun, rank 0 says what happened
         if (out_dir / CHECKPOINT_NAME).exists():
             print(
                 f"\ninterrupted: {out_dir} keeps the checkpoint of the last complete epoch; "

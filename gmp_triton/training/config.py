@@ -108,8 +108,8 @@ def check_config(config: TrainConfig) -> None:
             raise InputError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
 
     def positive_float(name: str, value) -> None:
-        if not value > 0:
-            raise InputError(f"--{name.replace('_', '-')} must be positive, got {value}")
+        if not 0 < value < float("inf"):
+            raise InputError(f"--{name.replace('_', '-')} must be positive and finite, got {value}")
 
     if config.embed_dim is not None:
         positive_int("embed_dim", config.embed_dim)
@@ -130,8 +130,8 @@ def check_config(config: TrainConfig) -> None:
     if not isinstance(config.seed, int) or not 0 <= config.seed < SEED_LIMIT:
         raise InputError(f"--seed must be an integer from 0 to 2**32 - 1, got {config.seed}")
     positive_float("lr", config.lr)
-    if config.weight_decay < 0:
-        raise InputError(f"--weight-decay must be 0 or more, got {config.weight_decay}")
+    if not 0 <= config.weight_decay < float("inf"):
+        raise InputError(f"--weight-decay must be 0 or more and finite, got {config.weight_decay}")
     if config.noise < 0:
         raise InputError(f"--noise must be 0 or more, got {config.noise}")
     if config.canvas_min < 8 or config.canvas_min > config.canvas_max:

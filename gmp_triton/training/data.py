@@ -53,9 +53,14 @@ def parse_class_list(text: str | None) -> list[str] | None:
     """``"a,b,c"`` -> ``["a", "b", "c"]``; ``None`` stays ``None``."""
     if text is None:
         return None
-    names = [name.strip() for name in text.split(",") if name.strip()]
-    if not names:
+    names = [name.strip() for name in text.split(",")]
+    if not any(names):
         raise InputError(f"empty class list {text!r}: give class names separated by commas")
+    if not all(names):
+        raise InputError(f"class list {text!r} has an empty name between its commas")
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise InputError(f"class list {text!r} names {', '.join(map(repr, repeated))} twice")
     return names
 
 

@@ -8,6 +8,7 @@ and every random state, so the continued run computes what an uninterrupted one 
 
 import dataclasses
 import logging
+import math
 import platform
 import time
 from collections.abc import Callable
@@ -61,6 +62,8 @@ def resolve_device(name: str | None) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         raise InputError(f"--device {name!r} is not a device (try cpu, cuda or cuda:1)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise InputError(f"--device {name}: training runs on cpu or cuda, not {device.type}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError(f"--device {name}: CUDA is not available on this machine")
     return device
@@ -77,7 +80,8 @@ def describe_device(device: torch.device) -> str:
             )
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{model}, {threads} thread{'s' if threads != 1 else ''}"
 
 
 def input_channels(config: TrainConfig) -> int:
@@ -125,7 +129,25 @@ def _check_same_run(stored: TrainConfig, config: TrainConfig) -> None:
     if changed:
         raise InputError(
             f"the run being resumed was made with other settings ({', '.join(changed)}); "
-            f"a resumed run keeps its settings, only --epochs may change"
+            f"a resumed run keeps its settings, only --epochs, --device and (for an image folder "
+            f"that moved) --data may change"
+        )
+
+
+def _check_not_diverged(
+    epoch: int, loss: float, model: nn.Module, config: TrainConfig, checkpoint_file: Path
+) -> None:
+    """Stop with one line, before NaN weights are evaluated or saved, when training diverged."""
+    finite = math.isfinite(loss) and all(bool(p.isfinite().all()) for p in model.parameters())
+    if not finite:
+        kept = (
+            "the checkpoint of the last complete epoch is kept"
+            if checkpoint_file.exists()
+            else "no checkpoint was written"
+        )
+        raise InputError(
+            f"training diverged in epoch {epoch}: the loss is {loss:.4g} or the weights are not "
+            f"finite; try a lower --lr than {config.lr:g} ({kept})"
         )
 
 
@@ -258,6 +280,7 @@ def train(
             processes.shard(loader), total=len(loader), desc=f"epoch {epoch + 1}/{config.epochs}"
         )
         stats = train_one_epoch(trainer, batches, loss_fn, miner, optimiser, device)
+        _check_not_diverged(epoch + 1, stats.loss, model, config, checkpoint_file)
         epoch_seconds = time.perf_counter() - started
         train_seconds += epoch_seconds
         metrics = processes.evaluate_model(model, data.held_out, device, config.mixed_sizes)
