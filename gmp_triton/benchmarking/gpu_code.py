@@ -647,7 +647,7 @@ def summary_rows(results: Iterable[VariantResult]) -> list[dict]:
                 "variants": len(members),
                 "failed to compile": len(members) - len(compiled),
                 "registers": f"{min(registers)}-{max(registers)}" if registers else "-",
-                "spilling": sum(m.spills for m in compiled),
+                "spilling in a loop": sum(m.spills for m in compiled),
                 "spilling outside loops only": sum(m.spills_outside_loops_only for m in compiled),
                 "max shared (B)": max((m.shared_bytes or 0) for m in compiled) if compiled else "-",
                 "aligned at full width": f"{len(vectorised)}/{len(aligned)}" if aligned else "n/a",
