@@ -30,14 +30,13 @@ ACCESS_PATTERN = re.compile(r"(@!?%p\w+\s+)?\b(ld|st)\.global((?:\.[\w:]+)*)")
 VECTOR_PATTERN = re.compile(r"^v(\d+)$")
 ELEMENT_PATTERN = re.compile(r"^[bsuf](\d+)$")
 OPCODES = {"ld": "LDG", "st": "STG"}
-# A SASS instruction: "/*0090*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;" -> "LDG.E.128".
-SASS_PATTERN = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*(?:\.\w+)*)")
+# A SASS instruction, "/*0090*/  @!P0 LDG.E.128 R4, desc[UR4][R2.64] ;": its address (0x90),
+# opcode ("LDG"), modifiers (".E.128") and operands, its guard predicate left out.
+SASS_PATTERN = re.compile(
+    r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)((?:\.\w+)*)\s*([^;]*)"
+)
 # Width modifiers of LDG/STG; without one (".E" and cache hints only) an access is 32 bits.
 SASS_WIDTHS = {"256": 256, "128": 128, "64": 64, "U16": 16, "S16": 16, "U8": 8, "S8": 8}
-# A SASS instruction with its address and operands: "/*0bc0*/  @!P0 BRA 0x480 ;".
-SASS_LINE_PATTERN = re.compile(
-    r"^\s*/\*([0-9a-f]+)\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)(?:\.[\w.]+)*\s*([^;]*);"
-)
 BRANCH_TARGET_PATTERN = re.compile(r"\b0x([0-9a-f]+)\b")
 
 
@@ -78,14 +77,22 @@ def read_access_widths(ptx: str) -> dict[str, list[int]]:
     return widths
 
 
+def sass_instructions(sass: str) -> list[tuple[int, str, list[str], str]]:
+    """``(address, opcode, modifiers, operands)`` of each instruction in ``cuobjdump
+    --dump-sass`` output."""
+    instructions = []
+    for line in sass.splitlines():
+        match = SASS_PATTERN.match(line)
+        if match:
+            address, opcode, modifiers, operands = match.groups()
+            instructions.append((int(address, 16), opcode, modifiers.split(".")[1:], operands))
+    return instructions
+
+
 def read_sass_widths(sass: str) -> dict[str, list[int]]:
     """Width in bits of every LDG and STG instruction in ``cuobjdump --dump-sass`` output."""
     widths: dict[str, list[int]] = {}
-    for line in sass.splitlines():
-        match = SASS_PATTERN.match(line)
-        if match is None:
-            continue
-        opcode, *modifiers = match.group(1).split(".")
+    for _, opcode, modifiers, _ in sass_instructions(sass):
         if opcode in ("LDG", "STG"):
             width = next((SASS_WIDTHS[m] for m in modifiers if m in SASS_WIDTHS), 32)
             widths.setdefault(opcode, []).append(width)
@@ -98,19 +105,14 @@ def count_spill_accesses(sass: str) -> dict[str, int]:
     branch's target to the branch. A spill inside a loop costs on every iteration; one outside
     every loop (a value stored before the main loop and loaded after it) costs once per
     program."""
-    instructions = []
-    for line in sass.splitlines():
-        match = SASS_LINE_PATTERN.match(line)
-        if match:
-            address, opcode, operands = match.groups()
-            instructions.append((int(address, 16), opcode, operands))
+    instructions = sass_instructions(sass)
     loops = []
-    for address, opcode, operands in instructions:
+    for address, opcode, _, operands in instructions:
         target = BRANCH_TARGET_PATTERN.search(operands) if opcode == "BRA" else None
         if target and int(target.group(1), 16) < address:
             loops.append((int(target.group(1), 16), address))
     counts = {"in_loops": 0, "outside_loops": 0}
-    for address, opcode, _ in instructions:
+    for address, opcode, _, _ in instructions:
         if opcode in ("LDL", "STL"):
             inside = any(start <= address <= end for start, end in loops)
             counts["in_loops" if inside else "outside_loops"] += 1

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import datetime
 import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -474,10 +473,10 @@ def _new_run_folder() -> Path:
     """A new folder under ``runs/`` named by the time, created here so that two runs started in
     the same second cannot both take it (the second gets a suffix). Under torchrun only rank 0
     writes, so only it claims a folder."""
-    from .distributed import launched_by_torchrun
+    from . import distributed
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    claim = not launched_by_torchrun() or int(os.environ.get("RANK", "0")) == 0
+    claim = distributed.current().is_main
     folder, suffix = Path("runs") / stamp, 1
     while True:
         try:
@@ -521,9 +520,10 @@ def run_train(args: argparse.Namespace) -> int:
             progress=_progress_bar,
         )
     except KeyboardInterrupt:
+        from . import distributed
         from .checkpoint import CHECKPOINT_NAME
 
-        if int(os.environ.get("RANK", "0")) != 0:
+        if not distributed.current().is_main:
             return INTERRUPTED_STATUS  # under torchrun, rank 0 says what happened
         if (out_dir / CHECKPOINT_NAME).exists():
             print(
